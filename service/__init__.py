@@ -1,0 +1,3 @@
+"""LineWatch runtime package (import name ``service``)."""
+
+__version__ = "0.1.0"
