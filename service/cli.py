@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -42,6 +43,30 @@ def friendly_errors(fn: F) -> F:
 
 
 # --- sim -------------------------------------------------------------------
+@sim_app.command("render")
+@friendly_errors
+def sim_render(
+    scenario: str = typer.Option("conveyor", help="conveyor | calm | train"),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same clip."),
+    frames: int = typer.Option(300, min=1, help="Number of frames."),
+    fps: float = typer.Option(30.0, min=0.1, help="Frames per second."),
+    width: int = typer.Option(640, min=64),
+    height: int = typer.Option(480, min=48),
+    belt_speed: float | None = typer.Option(None, help="Belt speed in mm/s (default per scenario)."),
+    out: Path = typer.Option(Path("sim.mp4"), help="Video file (.mp4 = H.264, .avi = MJPG)."),
+    truth: Path | None = typer.Option(None, help="JSON-lines ground truth, one line per frame."),
+) -> None:
+    """Render a clip of the synthetic line with its ground truth."""
+    from service.sim.render import render_clip
+    from service.sim.scene import SCENARIOS, Scene
+
+    if scenario not in SCENARIOS:
+        raise LineWatchError(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
+    scene = Scene(scenario, seed=seed, width=width, height=height, fps=fps, belt_speed_mm_s=belt_speed)
+    res = render_clip(scene, frames, out, truth)
+    typer.echo(f"wrote {res.frames} frames ({res.codec}) to {res.video}"
+               + (f", truth to {res.truth}" if res.truth else ""), err=True)
+
 
 
 # --- model -----------------------------------------------------------------
