@@ -12,6 +12,7 @@ right, y down.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Sequence
 
 import numpy as np
@@ -122,3 +123,62 @@ class Detections:
             keypoints=np.concatenate([p.keypoints for p in parts]),
             extra={k: np.concatenate([p.extra[k] for p in parts]) for k in keys},
         )
+
+
+@dataclass(slots=True)
+class Tracks:
+    """Confirmed tracks of one camera at one frame, as parallel arrays.
+
+    ``detections`` holds the (smoothed) boxes and keypoints in pixels; the arrays
+    below have one row per track.  Geometry fills the millimetre fields once the
+    camera is calibrated (NaN where a value is unknown).
+    """
+
+    detections: Detections
+    track_ids: IntArray  # (N,)
+    velocity_px_s: FloatArray  # (N, 2) of the box centre
+    keypoints_mm: FloatArray | None = None  # (N, K, 2) on the work plane
+    poses: FloatArray | None = None  # (N, 3) x_mm, y_mm, theta_deg (rigid fit to template)
+    pose_residual_mm: FloatArray | None = None  # (N,) RMS residual of the rigid fit
+    velocity_mm_s: FloatArray | None = None  # (N, 2)
+
+    def __post_init__(self) -> None:
+        n = len(self.detections)
+        self.track_ids = np.asarray(self.track_ids, dtype=np.int32).reshape(n)
+        self.velocity_px_s = np.asarray(self.velocity_px_s, dtype=np.float32).reshape(n, 2)
+
+    def __len__(self) -> int:
+        return len(self.detections)
+
+
+class RuleStatus(str, Enum):
+    OK = "ok"
+    VIOLATED = "violated"
+    UNKNOWN = "unknown"
+
+
+class LineStateName(str, Enum):
+    RUNNING = "RUNNING"
+    IDLE = "IDLE"
+    STOPPED = "STOPPED"
+    JAMMED = "JAMMED"
+    FAULT = "FAULT"
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A change of a rule's status or of a line's state.
+
+    ``cursor`` is assigned by the store when the event is written (monotonic,
+    starting at 1); a client resumes a stream from the last cursor it saw.
+    """
+
+    line: str
+    kind: str  # "rule" | "state"
+    name: str  # rule name, or "state"
+    old: str
+    new: str
+    t_wall: float  # Unix epoch seconds of the frame that caused the change
+    detail: dict[str, object] = field(default_factory=dict)
+    cursor: int | None = None
