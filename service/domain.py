@@ -11,9 +11,9 @@ right, y down.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Sequence
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -85,7 +85,7 @@ class Detections:
                 raise ValueError(f"extra[{key!r}] has {len(value)} rows, expected {n}")
 
     @classmethod
-    def empty(cls, num_keypoints: int = 0) -> "Detections":
+    def empty(cls, num_keypoints: int = 0) -> Detections:
         return cls(
             boxes=np.zeros((0, 4), np.float32),
             scores=np.zeros((0,), np.float32),
@@ -100,7 +100,7 @@ class Detections:
     def num_keypoints(self) -> int:
         return int(self.keypoints.shape[1])
 
-    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> "Detections":
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> Detections:
         if isinstance(index, int):
             index = [index]
         return Detections(
@@ -112,7 +112,7 @@ class Detections:
         )
 
     @classmethod
-    def concat(cls, parts: Sequence["Detections"], num_keypoints: int = 0) -> "Detections":
+    def concat(cls, parts: Sequence[Detections], num_keypoints: int = 0) -> Detections:
         if not parts:
             return cls.empty(num_keypoints)
         keys = set(parts[0].extra)
@@ -151,13 +151,13 @@ class Tracks:
         return len(self.detections)
 
 
-class RuleStatus(str, Enum):
+class RuleStatus(StrEnum):
     OK = "ok"
     VIOLATED = "violated"
     UNKNOWN = "unknown"
 
 
-class LineStateName(str, Enum):
+class LineStateName(StrEnum):
     RUNNING = "RUNNING"
     IDLE = "IDLE"
     STOPPED = "STOPPED"
