@@ -14,7 +14,8 @@ Public API (numpy + OpenCV only, deterministic by seed)::
 ``instances`` are :class:`InstanceTruth` (class id and name, box in px, keypoints in
 px and mm with visibility, in-view fraction, pose (x, y, theta) in mm/deg, flags).
 ``CLASSES`` lists the classes in class-id order: ``bracket``, ``flange``, ``arm``,
-each with 5 named keypoints.
+``hand`` (an operator's hand, during ``zone_intrusion`` incidents), each with 5
+named keypoints.
 """
 
 from service.sim.scene import (

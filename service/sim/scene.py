@@ -14,7 +14,8 @@ What happens on the line (scenario ``conveyor``):
   fixture, where a finished part sits.
 - Scripted incidents, drawn per 60 s block: ``belt_stop`` (the belt and its parts
   stand still: a jam), ``station_empty`` (the part at the station is missing) and
-  ``arm_stall`` (the arm freezes).  The first 10 s of every block are calm.
+  ``arm_stall`` (the arm freezes) and ``zone_intrusion`` (an operator's hand
+  reaches into the marked danger zone).  The first 10 s of every block are calm.
 - Variation: lighting drift and flicker, sensor noise, motion blur along the belt,
   distractor objects (on the floor and riding on the belt), a sensor gantry over
   the belt that partly hides parts, parts entering and leaving the frame.
@@ -44,6 +45,7 @@ from service.sim.world import (
     arm_ik,
     arm_keypoints,
     default_camera,
+    hand_keypoints,
     place,
     project,
 )
@@ -63,7 +65,8 @@ ARM_BASE = np.array([120.0, 300.0])
 ARM_PICK_WRIST = np.array([230.0, 55.0])
 STATION_XY = np.array([-170.0, 330.0])
 GANTRY_X = (-125.0, -100.0)
-INCIDENT_KINDS = ("belt_stop", "station_empty", "arm_stall")
+INCIDENT_KINDS = ("belt_stop", "station_empty", "arm_stall", "zone_intrusion")
+DANGER_ZONE = (60.0, -260.0, 300.0, -140.0)  # x0, y0, x1, y1 mm
 _SHIFT = 4  # sub-pixel bits for OpenCV drawing
 _ONE = 1 << _SHIFT
 
@@ -310,7 +313,9 @@ class Scene:
         slots = [(10.0, 33.0), (35.0, 58.0)]
         out = []
         for kind, (a, b) in zip(kinds, slots, strict=False):
-            dur = float(rng.uniform(6.0, 12.0))
+            dur = float(
+                rng.uniform(3.0, 8.0) if kind == "zone_intrusion" else rng.uniform(6.0, 12.0)
+            )
             start = t0 + float(rng.uniform(a, max(a, b - dur)))
             out.append(Incident(str(kind), start, start + dur))
         return tuple(out)
@@ -485,7 +490,7 @@ class Scene:
             return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
 
         # danger zone on the operator's side: hatched yellow/black border
-        zx0, zy0, zx1, zy1 = 60.0, -260.0, 300.0, -140.0
+        zx0, zy0, zx1, zy1 = DANGER_ZONE
         poly(rect(zx0, zy0, zx1, zy1), (30, 190, 220))
         poly(
             rect(zx0 + 12, zy0 + 12, zx1 - 12, zy1 - 12),
@@ -742,6 +747,25 @@ class Scene:
             )
         )
 
+        # an operator's hand, above everything (zone_intrusion incidents)
+        hand_mm = self._hand_state(t)
+        if hand_mm is not None:
+            hid = new_id()
+            hand_polys = self._draw_hand(hand_mm, fill, hid)
+            pending.append(
+                (
+                    hid,
+                    CLASSES[CLASS_IDS["hand"]],
+                    None,
+                    hand_mm,
+                    project(h, hand_mm),
+                    (float(hand_mm[1][0]), float(hand_mm[1][1]), 0.0),
+                    ("in_danger_zone",) if _in_zone(hand_mm, DANGER_ZONE) else (),
+                    (),
+                    hand_polys,
+                )
+            )
+
         # camera effects: motion blur along the belt, lighting, vignette, noise
         blur_px = speed / 60.0 * 0.75  # 1/60 s exposure, ~0.75 px/mm
         if blur_px >= 1.5 and r1 > r0:
@@ -848,6 +872,52 @@ class Scene:
             bot = place(np.stack([u, v - 3], 1), x, y, d.angle)[::-1]
             fill(project(h, np.concatenate([top, bot])), d.color, oid)
 
+    def _hand_state(self, t: float) -> Array | None:
+        """Keypoints (mm) of the operator's hand at time t, or None when absent."""
+        if self._train:
+            window = int(t // 3.0)
+            rng = _rng(self.seed, 61, window)
+            if rng.random() > 0.4:
+                return None
+            ex, ey = float(rng.uniform(-400, 400)), float(rng.uniform(-330, -150))
+            ang = float(rng.uniform(30, 150))
+            length = float(rng.uniform(150, 240))
+            wrist = np.array([ex, ey]) + length * np.array(
+                [math.cos(math.radians(ang)), math.sin(math.radians(ang))]
+            )
+            return hand_keypoints(np.array([ex, ey]), wrist, float(rng.uniform(-25, 25)))
+        for inc in self.incidents(t - BLOCK_S, t + 1e-9):
+            if inc.kind != "zone_intrusion" or not inc.active(t):
+                continue
+            rng = _rng(self.seed, 67, int(inc.start_s * 1000))
+            x0, y0, x1, y1 = DANGER_ZONE
+            target = np.array(
+                [float(rng.uniform(x0 + 40, x1 - 40)), float(rng.uniform(y0 + 30, y1 - 20))]
+            )
+            elbow = np.array([target[0] + float(rng.uniform(-60, 60)), -345.0])
+            # reach in over 0.8 s, hold, pull back over the last 0.8 s
+            reach = min(_smoothstep((t - inc.start_s) / 0.8), _smoothstep((inc.end_s - t) / 0.8))
+            start = elbow + np.array([0.0, 120.0])
+            wrist = start + (target - start) * reach
+            return hand_keypoints(elbow, wrist, float(rng.uniform(-15, 15)))
+        return None
+
+    def _draw_hand(self, kpts_mm: Array, fill: Any, oid: int) -> list[Array]:
+        h = self.homography
+        elbow, wrist, palm, index_tip, thumb_tip = kpts_mm
+        sleeve = project(h, _capsule(elbow, wrist, 36.0))
+        fill(sleeve, (40, 90, 230), oid)  # hi-vis orange sleeve
+        polys = [sleeve]
+        for a, b, r in (
+            (wrist, palm, 30.0),
+            (palm, index_tip, 9.0),
+            (wrist + 0.4 * (palm - wrist), thumb_tip, 10.0),
+        ):
+            p = project(h, _capsule(a, b, r))
+            fill(p, (215, 170, 110), oid)  # blue glove
+            polys.append(p)
+        return polys
+
     def _draw_arm(self, kpts_mm: Array, fill: Any, oid: int) -> list[Array]:
         h = self.homography
         polys = []
@@ -931,6 +1001,12 @@ def _capsule(a: Array, b: Array, r: float, n: int = 10) -> Array:
     p1 = np.stack([a[0] + r * np.cos(arc1), a[1] + r * np.sin(arc1)], 1)
     p2 = np.stack([b[0] + r * np.cos(arc2), b[1] + r * np.sin(arc2)], 1)
     return np.concatenate([p1, p2])
+
+
+def _in_zone(points_mm: Array, zone: tuple[float, float, float, float]) -> bool:
+    x0, y0, x1, y1 = zone
+    p = np.asarray(points_mm)
+    return bool(np.any((p[:, 0] >= x0) & (p[:, 0] <= x1) & (p[:, 1] >= y0) & (p[:, 1] <= y1)))
 
 
 def _fraction_inside(polys: list[Array], width: int, height: int) -> float:

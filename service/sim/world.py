@@ -83,7 +83,17 @@ def _arm() -> PartClass:
     )
 
 
-CLASSES: tuple[PartClass, ...] = (_bracket(), _flange(), _arm())
+def _hand() -> PartClass:
+    # An operator's gloved hand and forearm (reaches into the danger zone).
+    return PartClass(
+        name="hand",
+        keypoint_names=("elbow", "wrist", "palm", "index_tip", "thumb_tip"),
+        template_mm=None,
+        skeleton=((0, 1), (1, 2), (2, 3), (2, 4)),
+    )
+
+
+CLASSES: tuple[PartClass, ...] = (_bracket(), _flange(), _arm(), _hand())
 CLASS_IDS: dict[str, int] = {c.name: i for i, c in enumerate(CLASSES)}
 NUM_KEYPOINTS = 5
 
@@ -138,6 +148,17 @@ def arm_ik(base: Array, yaw_deg: float, wrist_target: Array, elbow_up: bool = Tr
     q3 = hand_abs - (yaw_deg + q1 + q2d)
     q = np.array([yaw_deg, q1, q2d, q3])
     return (q + 180.0) % 360.0 - 180.0
+
+
+def hand_keypoints(elbow: Array, wrist: Array, bend_deg: float = 0.0) -> Array:
+    """Keypoints of a hand whose forearm runs from ``elbow`` to ``wrist``."""
+    e, w = np.asarray(elbow, float), np.asarray(wrist, float)
+    d = (w - e) / max(float(np.linalg.norm(w - e)), 1e-6)
+    d = rotation(bend_deg) @ d
+    palm = w + 42.0 * d
+    index_tip = w + 100.0 * (rotation(8.0) @ d)
+    thumb_tip = w + 62.0 * (rotation(-48.0) @ d)
+    return np.stack([e, w, palm, index_tip, thumb_tip])
 
 
 # --- the camera -------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_parts_move_at_belt_speed(make_scene) -> None:
 def test_calm_has_no_incidents_and_conveyor_has_all_kinds(make_scene) -> None:
     assert make_scene(scenario="calm").incidents(0, 600) == []
     kinds = {i.kind for i in make_scene(scenario="conveyor", seed=2).incidents(0, 600)}
-    assert kinds == {"belt_stop", "station_empty", "arm_stall"}
+    assert kinds == {"belt_stop", "station_empty", "arm_stall", "zone_intrusion"}
 
 
 def test_station_empty_incident_removes_station_part(make_scene) -> None:
@@ -215,3 +215,14 @@ def test_scenarios_and_sizes(make_scene) -> None:
         assert truth.instances
     with pytest.raises(ValueError, match="unknown scenario"):
         Scene("nope")
+
+
+def test_zone_intrusion_puts_a_hand_in_the_danger_zone(make_scene) -> None:
+    scene = make_scene(scenario="conveyor", seed=2)
+    inc = next(i for i in scene.incidents(0, 600) if i.kind == "zone_intrusion")
+    before = scene.render_at(inc.start_s - 0.5)[1]
+    during = scene.render_at((inc.start_s + inc.end_s) / 2)[1]
+    assert not any(i.class_name == "hand" for i in before.instances)
+    hands = [i for i in during.instances if i.class_name == "hand"]
+    assert len(hands) == 1 and "in_danger_zone" in hands[0].flags
+    assert any(i.kind == "zone_intrusion" for i in during.incidents)
