@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -73,6 +73,60 @@ def sim_render(
 
 
 # --- config ----------------------------------------------------------------
+
+
+@config_app.command("default")
+@friendly_errors
+def config_default() -> None:
+    """Print the embedded default configuration (YAML, with comments)."""
+    from service.config import default_config_text
+
+    typer.echo(default_config_text(), nl=False)
+
+
+@config_app.command("check")
+@friendly_errors
+def config_check(
+    file: Annotated[Path, typer.Argument(help="The YAML config file to check.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    use_env: Annotated[
+        bool,
+        typer.Option("--env/--no-env", help="Apply LINEWATCH_* env overrides (as serve does)."),
+    ] = True,
+) -> None:
+    """Print every error (FILE:LINE: location: message) and exit 1, or 'ok: ...' and exit 0."""
+    import json
+
+    from service.config import check_config
+
+    report = check_config(file, env=None if use_env else {})
+    cameras = len(report.config.cameras) if report.config else 0
+    models = len(report.config.models) if report.config else 0
+    if as_json:
+        typer.echo(json.dumps({
+            "ok": report.ok, "file": str(file), "cameras": cameras, "models": models,
+            "errors": [issue.as_dict() for issue in report.issues],
+        }, indent=2))
+    elif report.ok:
+        typer.echo(f"ok: {cameras} cameras, {models} models")
+    else:
+        for issue in report.issues:
+            typer.echo(str(issue))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@config_app.command("show")
+@friendly_errors
+def config_show(
+    file: Annotated[
+        Path | None, typer.Argument(help="Config file (default: the embedded one).")
+    ] = None,
+) -> None:
+    """Print the effective configuration: the file, defaults and env overrides applied."""
+    from service.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(file)), nl=False)
 
 
 # --- serve / bench ---------------------------------------------------------

@@ -1,0 +1,455 @@
+"""service.config: YAML -> pydantic with file:line errors, env overrides, the default."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.config import (
+    Config,
+    ConfigInvalid,
+    check_config,
+    default_config_text,
+    dump_config,
+    load_config,
+)
+from service.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = REPO / "models/zoo/linewatch-parts-s.onnx"
+
+WriteConfig = Callable[..., Path]
+Cli = Callable[..., tuple[int, str]]
+
+
+def _tiny_onnx(path: Path) -> Path:
+    """A real (identity) ONNX model file."""
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g", [x], [y])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> WriteConfig:
+    """Write YAML (dedented) to tmp/conf/<name>, next to a real model at conf/m.onnx."""
+    _tiny_onnx(tmp_path / "conf" / "m.onnx")
+
+    def write(text: str, name: str = "config.yaml") -> Path:
+        path = tmp_path / "conf" / name
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+
+    return write
+
+
+GOOD = """
+cameras:
+  - id: cam-1
+    source: "sim://conveyor?seed=1"
+    model: parts
+  - id: cam-2
+    source: /dev/video0
+    model: parts
+models:
+  - id: parts
+    path: m.onnx
+api:   {host: 127.0.0.1, port: 8000}
+bus:   {url: "memory://"}
+store: {url: "sqlite:///linewatch.db"}
+"""
+
+
+def _errors(path: Path, **env: str) -> list[str]:
+    return [str(issue) for issue in check_config(path, env=env).issues]
+
+
+# --- valid files and defaults ------------------------------------------------------
+
+
+def test_good_config_loads_with_defaults(write_config: WriteConfig) -> None:
+    path = write_config(GOOD)
+    config = load_config(path, env={})
+    assert [c.id for c in config.cameras] == ["cam-1", "cam-2"]
+    assert config.model_for("cam-2").id == "parts"
+    assert config.cameras[0].line == "line-1"
+    assert config.cameras[0].backoff.max_s >= config.cameras[0].backoff.initial_s
+    assert config.models[0].providers == "auto"
+    assert config.api.port == 8000 and not config.api.auth.enabled
+    assert config.bus.frame_queue == 64
+
+
+def test_model_path_resolves_against_config_dir(
+    write_config: WriteConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(GOOD)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("../conf/config.yaml"), env={})
+    assert config.models[0].path == (tmp_path / "conf" / "m.onnx").resolve()
+    assert config.models[0].path.is_file()
+    assert path.exists()
+
+
+def test_single_model_is_the_default_for_every_camera(write_config: WriteConfig) -> None:
+    path = write_config("""
+        cameras:
+          - {id: a, source: "sim://conveyor?seed=1"}
+        models:
+          - {id: only, path: m.onnx}
+    """)
+    assert load_config(path, env={}).cameras[0].model == "only"
+
+
+def test_providers_accept_auto_list_and_comma_string(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - {id: a, path: m.onnx, providers: [TensorRT, cuda, cpu]}
+          - {id: b, path: m.onnx, providers: "cuda, cpu"}
+    """)
+    config = load_config(path, env={})
+    assert config.models[0].providers == ["tensorrt", "cuda", "cpu"]
+    assert config.models[1].ort_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_default_config_text_is_the_documented_default() -> None:
+    text = default_config_text()
+    assert text.lstrip().startswith("#")  # documented with comments
+    data = yaml.safe_load(text)
+    assert [c["source"] for c in data["cameras"]] == [
+        "sim://conveyor?seed=1&fps=15",
+        "sim://conveyor?seed=2&fps=15",
+    ]
+    assert data["models"][0]["path"] == "models/zoo/linewatch-parts-s.onnx"
+    assert data["api"] == {"host": "127.0.0.1", "port": 8000, "auth": {"enabled": False}}
+    assert data["bus"]["url"] == "memory://"
+    assert data["store"]["url"].startswith("sqlite:///")
+
+
+def test_default_config_resolves_model_from_any_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    report = check_config(None, env={}, check_files=False)
+    assert report.ok, report.issues
+    assert report.config is not None
+    assert report.config.models[0].path == SHIPPED_MODEL
+    assert len(report.config.cameras) == 2
+
+
+def test_default_config_loads_and_round_trips(tmp_path: Path) -> None:
+    if not SHIPPED_MODEL.is_file():
+        pytest.skip(f"the shipped model {SHIPPED_MODEL} is not there yet (issue 2)")
+    config = load_config(None, env={})
+    dumped = tmp_path / "effective.yaml"
+    dumped.write_text(dump_config(config), encoding="utf-8")
+    assert load_config(dumped, env={}) == config
+
+
+def test_round_trip_of_a_full_config(write_config: WriteConfig, tmp_path: Path) -> None:
+    path = write_config("""
+        cameras:
+          - id: cam-1
+            source: "rtsp://user:pw@10.0.0.5/stream"
+            fps: 12.5
+            realtime: false
+            backoff: {initial_s: 1, max_s: 8}
+        models:
+          - {id: parts, path: m.onnx, providers: [cuda, cpu], intra_op_threads: 1}
+        api:
+          auth: {enabled: true, tokens: [{token: s3cret-token, scope: admin}]}
+          cors_origins: ["http://localhost:3000"]
+        logging: {level: debug, json: true}
+    """)
+    config = load_config(path, env={})
+    assert config.logging.level == "DEBUG" and config.logging.json_
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(config), encoding="utf-8")
+    assert load_config(again, env={}) == config
+
+
+def test_programmatic_config_rejects_dangling_model() -> None:
+    with pytest.raises(ValidationError, match=r"cameras\[0\]\.model: unknown model 'nope'"):
+        Config.model_validate({
+            "cameras": [{"id": "a", "source": "sim://conveyor", "model": "nope"}],
+            "models": [{"id": "m", "path": "/x.onnx"}, {"id": "n", "path": "/y.onnx"}],
+        })
+
+
+# --- errors with exact lines ---------------------------------------------------------
+
+
+def test_unknown_key_names_line_and_suggests(write_config: WriteConfig) -> None:
+    path = write_config("""
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1"
+        models:
+          - {id: parts, path: m.onnx}
+        api:
+          host: 127.0.0.1
+          prot: 8000
+    """)
+    errors = _errors(path)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:8: api.prot: unknown key (did you mean 'port'?)")
+
+
+def test_missing_field_points_at_the_list_item(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - id: parts
+            path: m.onnx
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1"
+          - id: cam-2
+            fps: 10
+    """)
+    assert _errors(path) == [f"{path}:7: cameras[1].source: Field required"]
+
+
+def test_duplicate_camera_id(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models: [{id: parts, path: m.onnx}]
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1"
+          - id: cam-1
+            source: "sim://conveyor?seed=2"
+    """)
+    assert _errors(path) == [f"{path}:5: cameras[1].id: duplicate id 'cam-1' (also cameras[0])"]
+
+
+def test_bad_camera_id(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models: [{id: parts, path: m.onnx}]
+        cameras:
+          - source: "sim://conveyor?seed=1"
+            id: Cam 1
+    """)
+    errors = _errors(path)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:4: cameras[0].id: 'Cam 1' is not a valid id")
+
+
+def test_dangling_camera_model(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - {id: parts, path: m.onnx}
+          - {id: arms, path: m.onnx}
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1"
+            model: bolts
+          - id: cam-2
+            source: "sim://conveyor?seed=2"
+    """)
+    assert _errors(path) == [
+        f"{path}:7: cameras[0].model: unknown model 'bolts' (models: parts, arms)",
+        f"{path}:8: cameras[1].model: required when more than one model is configured "
+        "(models: parts, arms)",
+    ]
+
+
+def test_yaml_syntax_error_has_its_line(write_config: WriteConfig) -> None:
+    path = write_config("""
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1
+        models: []
+    """)
+    errors = _errors(path)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:")
+    assert "YAML syntax error" in errors[0]
+    line = int(errors[0][len(str(path)) + 1 :].split(":", 1)[0])
+    assert line in (3, 4, 5)  # where the scanner notices the unterminated string
+
+
+def test_duplicate_yaml_key_is_an_error(write_config: WriteConfig) -> None:
+    path = write_config("""
+        api:
+          port: 8000
+          port: 9000
+    """)
+    assert _errors(path) == [f"{path}:3: api.port: duplicate key (first defined at line 2)"]
+
+
+def test_missing_model_file_is_an_error_naming_the_path(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - id: parts
+            path: zoo/missing.onnx
+        api: {port: 70000}
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    lines = str(info.value).splitlines()
+    missing = path.parent / "zoo" / "missing.onnx"
+    assert lines == [
+        f"{path}:3: models[0].path: model file not found: {missing}",
+        f"{path}:4: api.port: Input should be less than or equal to 65535 (got 70000)",
+    ]
+    assert isinstance(info.value, ConfigInvalid) and len(info.value.issues) == 2
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_top_level_must_be_a_mapping(write_config: WriteConfig) -> None:
+    path = write_config("- just\n- a list\n")
+    assert _errors(path) == [f"{path}:1: the top level must be a mapping of sections, got a list"]
+
+
+def test_auth_enabled_needs_tokens(write_config: WriteConfig) -> None:
+    path = write_config("""
+        api:
+          auth:
+            enabled: true
+    """)
+    errors = _errors(path)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:2: api.auth: auth is enabled")
+
+
+# --- environment overrides -------------------------------------------------------------
+
+
+def test_env_overrides_are_applied(write_config: WriteConfig) -> None:
+    path = write_config(GOOD)
+    config = load_config(path, env={
+        "LINEWATCH_API__PORT": "9000",
+        "LINEWATCH_STORE__URL": "sqlite:////var/lib/linewatch/lw.db",
+        "LINEWATCH_CAMERAS__0__SOURCE": "rtsp://10.0.0.7/live",
+        "LINEWATCH_CAMERAS__1__REALTIME": "false",
+        "LINEWATCH_MODELS__0__PROVIDERS": "[cuda, cpu]",
+        "LINEWATCH_API__AUTH__ENABLED": "true",
+        "LINEWATCH_API__AUTH__TOKENS__0__TOKEN": "from-a-secret",
+        "LINEWATCH_API__AUTH__TOKENS__0__SCOPE": "admin",
+        "LINEWATCH_CONFIG": "not/a/config/key",  # not an override: ignored
+        "OTHER_API__PORT": "1",
+    })
+    assert config.api.port == 9000
+    assert config.store.url == "sqlite:////var/lib/linewatch/lw.db"
+    assert config.cameras[0].source == "rtsp://10.0.0.7/live"
+    assert config.cameras[1].realtime is False
+    assert config.models[0].providers == ["cuda", "cpu"]
+    assert config.api.auth.enabled
+    assert [(t.token, t.scope) for t in config.api.auth.tokens] == [("from-a-secret", "admin")]
+
+
+def test_env_can_add_a_camera(write_config: WriteConfig) -> None:
+    path = write_config(GOOD)
+    config = load_config(path, env={
+        "LINEWATCH_CAMERAS__2__ID": "cam-3",
+        "LINEWATCH_CAMERAS__2__SOURCE": "/data/clip.mp4",
+        "LINEWATCH_CAMERAS__2__MODEL": "parts",
+    })
+    assert [c.id for c in config.cameras] == ["cam-1", "cam-2", "cam-3"]
+
+
+def test_env_override_with_bad_value_names_the_variable(write_config: WriteConfig) -> None:
+    path = write_config(GOOD)
+    assert _errors(path, LINEWATCH_API__PORT="eighty") == [
+        "environment variable LINEWATCH_API__PORT: api.port: Input should be a valid integer, "
+        "unable to parse string as an integer (got 'eighty')"
+    ]
+
+
+def test_env_errors_for_unknown_section_and_index(write_config: WriteConfig) -> None:
+    path = write_config(GOOD)
+    errors = _errors(path, LINEWATCH_APII__PORT="1", LINEWATCH_CAMERAS__7__SOURCE="x")
+    assert errors == [
+        "environment variable LINEWATCH_APII__PORT: apii: unknown config section "
+        "(did you mean 'api'?); sections are api, bus, cameras, logging, models, store",
+        "environment variable LINEWATCH_CAMERAS__7__SOURCE: cameras[7]: index out of range: "
+        "cameras has 2 items (use 2 to add one)",
+    ]
+
+
+def test_env_missing_key_in_new_camera_blames_the_variable(write_config: WriteConfig) -> None:
+    path = write_config(GOOD)
+    errors = _errors(path, LINEWATCH_CAMERAS__2__ID="cam-3")
+    assert errors == [
+        "environment variable LINEWATCH_CAMERAS__2__ID: cameras[2].source: Field required"
+    ]
+
+
+# --- linewatch config ... ----------------------------------------------------------------
+
+
+@pytest.fixture
+def cli() -> Cli:
+    runner = CliRunner()
+
+    def invoke(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, list(args), env={"LINEWATCH_API__PORT": None})
+        return result.exit_code, result.output
+
+    return invoke
+
+
+def test_cli_config_default_prints_the_default(cli: Cli) -> None:
+    code, out = cli("config", "default")
+    assert code == 0
+    assert out == default_config_text()
+
+
+def test_cli_config_check_ok(write_config: WriteConfig, cli: Cli) -> None:
+    code, out = cli("config", "check", str(write_config(GOOD)))
+    assert (code, out) == (0, "ok: 2 cameras, 1 models\n")
+
+
+def test_cli_config_check_prints_every_error(
+    write_config: WriteConfig, cli: Cli
+) -> None:
+    path = write_config("""
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1"
+            model: nope
+          - id: BAD
+            source: "sim://conveyor?seed=1"
+        models:
+          - {id: parts, path: m.onnx, warmup: 3}
+    """)
+    code, out = cli("config", "check", str(path))
+    assert code == 1
+    lines = out.splitlines()
+    assert [line.split(": ", 2)[:2] for line in lines] == [
+        [f"{path}:4", "cameras[0].model"],
+        [f"{path}:5", "cameras[1].id"],
+        [f"{path}:8", "models[0].warmup"],
+    ]
+    assert "Traceback" not in out
+
+
+def test_cli_config_check_json(write_config: WriteConfig, cli: Cli) -> None:
+    path = write_config("api: {port: x}\n")
+    code, out = cli("config", "check", "--json", str(path))
+    assert code == 1
+    report = json.loads(out)
+    assert report["ok"] is False
+    assert report["errors"][0]["line"] == 1
+    assert report["errors"][0]["location"] == "api.port"
+
+
+def test_cli_config_check_missing_file(tmp_path: Path, cli: Cli) -> None:
+    code, out = cli("config", "check", str(tmp_path / "nope.yaml"))
+    assert code == 1
+    assert out == f"{tmp_path / 'nope.yaml'}: config file not found\n"
