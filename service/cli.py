@@ -70,6 +70,58 @@ def sim_render(
 
 
 # --- model -----------------------------------------------------------------
+@model_app.command("inspect")
+@friendly_errors
+def model_inspect(
+    path: Annotated[Path, typer.Argument(help="An ONNX model file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print what LineWatch reads from a model: inputs, outputs, metadata, its adapter.
+
+    Exits 1 when no adapter accepts the model (the report says why).
+    """
+    import json
+
+    from service.inference.report import inspect_model, render_inspection
+
+    report = inspect_model(path)
+    typer.echo(json.dumps(report, indent=2) if as_json else render_inspection(report))
+    if report["adapter"] is None:
+        raise typer.Exit(code=1)
+
+
+@model_app.command("eval")
+@friendly_errors
+def model_eval(
+    model: Annotated[Path | None, typer.Option(
+        help="ONNX model (default: the shipped models/zoo/linewatch-parts-s.onnx).")] = None,
+    scenario: Annotated[str, typer.Option(help="Sim scenario: conveyor | calm | train.")] = (
+        "conveyor"
+    ),
+    seed: Annotated[int, typer.Option(help="Sim seed; use one the model was not trained on.")] = (
+        1000
+    ),
+    frames: Annotated[int, typer.Option(min=1, help="Frames to evaluate.")] = 100,
+    every: Annotated[int, typer.Option(min=1, help="Take every Nth sim frame (30 fps).")] = 5,
+    start: Annotated[int, typer.Option(min=0, help="First sim frame index.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="ORT intra-op threads (0 = all).")] = 1,
+    providers: Annotated[str, typer.Option(help="auto, or a list: tensorrt,cuda,cpu.")] = "auto",
+    score_threshold: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Minimum score (default: model metadata, else 0.5).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Score a model on held-out sim frames: recall, precision, keypoint error, latency."""
+    import json
+
+    from service.evaluation import evaluate_model, render_report
+    from service.inference import default_model_path
+
+    report = evaluate_model(
+        model or default_model_path(), scenario, seed, frames, every=every, start=start,
+        threads=threads, score_threshold=score_threshold,
+        providers="auto" if providers == "auto" else [p.strip() for p in providers.split(",")],
+    )
+    typer.echo(json.dumps(report, indent=2) if as_json else render_report(report))
 
 
 # --- config ----------------------------------------------------------------

@@ -1,0 +1,226 @@
+"""Model-family adapters: turn model outputs into :class:`service.domain.Detections`.
+
+Each adapter is one class that says whether it accepts a model (``accepts``,
+from its :class:`ModelInfo`: metadata and output shapes), prepares images for it
+(``preprocess``) and decodes its outputs (``postprocess``).  Adding a model family
+(Ultralytics raw YOLO-pose, RTMPose SimCC, ...) is one new subclass decorated with
+:func:`register_adapter`; :func:`select_adapter` tries them in registration order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from service.domain import Detections, ImageArray
+from service.errors import ModelError
+from service.inference.metadata import ModelInfo
+from service.inference.preprocess import Transform, make_batch
+
+DEFAULT_SCORE_THRESHOLD = 0.5
+# Families on the roadmap but without an adapter yet (said when a model is refused).
+NOT_YET_SUPPORTED = (
+    "Ultralytics raw YOLO-pose [B, 4+C+K*3, A] (needs NMS) and top-down models "
+    "(RTMPose SimCC, HRNet heatmaps) have no adapter yet."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether an adapter accepts a model, and why (shown by ``model inspect``)."""
+
+    accepted: bool
+    reason: str
+
+
+class Adapter(ABC):
+    """One model family: preprocess images, postprocess outputs to Detections."""
+
+    name: ClassVar[str]
+    supports: ClassVar[str]  # one sentence: the layout and metadata it accepts
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+    ) -> None:
+        self.info = info
+        self.score_threshold = resolve_score_threshold(info, score_threshold)
+        self.max_detections = max_detections
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, info: ModelInfo) -> Verdict:
+        """Decide from metadata and tensor shapes alone."""
+
+    def preprocess(
+        self, images: Sequence[ImageArray]
+    ) -> tuple[dict[str, np.ndarray], list[Transform]]:
+        """Images (HxWx3 uint8 BGR) -> session feeds and one transform per image."""
+        batch, transforms = make_batch(images, self.info.input)
+        return {self.info.input.name: batch}, transforms
+
+    @abstractmethod
+    def postprocess(
+        self, outputs: Sequence[np.ndarray], transforms: Sequence[Transform]
+    ) -> list[Detections]:
+        """Session outputs -> one Detections per image, in original-frame pixels."""
+
+
+def resolve_score_threshold(info: ModelInfo, explicit: float | None) -> float:
+    """Explicit value, else the model's ``score_threshold`` metadata, else the default."""
+    if explicit is not None:
+        value = float(explicit)
+    elif "score_threshold" in info.metadata:
+        try:
+            value = float(info.metadata["score_threshold"])
+        except ValueError as exc:
+            raise ModelError(
+                f"Model {str(info.path)!r}: metadata score_threshold must be a number, got "
+                f"{info.metadata['score_threshold']!r}."
+            ) from exc
+    else:
+        value = DEFAULT_SCORE_THRESHOLD
+    if not 0.0 <= value <= 1.0:
+        raise ModelError(f"Score threshold must be between 0 and 1, got {value}.")
+    return value
+
+
+_REGISTRY: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make an adapter available to :func:`select_adapter`."""
+    if cls not in _REGISTRY:
+        _REGISTRY.append(cls)
+    return cls
+
+
+def registered_adapters() -> tuple[type[Adapter], ...]:
+    return tuple(_REGISTRY)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterChoice:
+    """The adapter chosen for a model, why, and why the others said no."""
+
+    adapter: type[Adapter]
+    reason: str
+    rejected: tuple[tuple[str, str], ...]
+
+
+def select_adapter(info: ModelInfo) -> AdapterChoice:
+    """Pick the first registered adapter that accepts the model, or refuse it."""
+    rejected: list[tuple[str, str]] = []
+    for cls in _REGISTRY:
+        verdict = cls.accepts(info)
+        if verdict.accepted:
+            return AdapterChoice(cls, verdict.reason, tuple(rejected))
+        rejected.append((cls.name, verdict.reason))
+    supported = " ".join(
+        f"{cls.name}: {cls.supports} (this model: {why})"
+        for cls, (_, why) in zip(_REGISTRY, rejected, strict=True)
+    )
+    raise ModelError(
+        f"Model {str(info.path)!r} matches no LineWatch adapter. Found {info.describe_found()}. "
+        f"Supported: {supported or 'none registered'}. {NOT_YET_SUPPORTED} Re-export the model "
+        "in a supported format or add its metadata (task, kpt_shape, names, imgsz, output_format)."
+    )
+
+
+@register_adapter
+class End2EndAdapter(Adapter):
+    """End-to-end pose output ``[B, N, 6 + K*D]``: box, score, class, K keypoints.
+
+    Rows are sorted by score and padded with score 0; coordinates are in model-input
+    pixels (pixel-centre convention) and are mapped back to the original frame.
+    """
+
+    name = "end2end"
+    supports = (
+        "one rank-3 output [B, N, 6+K*D] (x1, y1, x2, y2, score, class_id, then x, y[, score] "
+        "per keypoint) with metadata output_format=end2end, or kpt_shape=[K, D] matching the "
+        "last dimension when output_format is absent (NMS-free Ultralytics exports)"
+    )
+
+    @classmethod
+    def accepts(cls, info: ModelInfo) -> Verdict:
+        if len(info.outputs) != 1:
+            return Verdict(False, f"{len(info.outputs)} outputs, expected 1")
+        out = info.outputs[0]
+        if len(out.shape) != 3:
+            return Verdict(False, f"output {out.describe()} is not rank 3")
+        if info.task not in (None, "pose", "detect"):
+            return Verdict(False, f"task={info.task!r}, expected pose or detect")
+        k, d = info.kpt_shape or (0, 3)
+        width = 6 + k * d
+        last = out.shape[2]
+        fmt = info.output_format
+        if fmt is not None and fmt != "end2end":
+            return Verdict(False, f"output_format={fmt!r}")
+        if isinstance(last, int):
+            if last != width:
+                return Verdict(
+                    False, f"last output dimension is {last}, but 6 + K*D = {width} for "
+                    f"kpt_shape={list(info.kpt_shape) if info.kpt_shape else None}",
+                )
+            why = "output_format=end2end" if fmt else "no output_format, but the shape fits"
+            return Verdict(True, f"{why}; output {out.describe()} = 6 + {k}*{d}")
+        if fmt == "end2end":
+            return Verdict(True, f"output_format=end2end; output {out.describe()} has a "
+                                 "dynamic last dimension, checked at run time")
+        return Verdict(False, f"dynamic last dimension in {out.describe()} and no output_format")
+
+    def postprocess(
+        self, outputs: Sequence[np.ndarray], transforms: Sequence[Transform]
+    ) -> list[Detections]:
+        out = np.asarray(outputs[0])
+        k, d = self.info.kpt_shape or (0, 3)
+        if out.ndim != 3 or out.shape[2] != 6 + k * d or out.shape[0] < len(transforms):
+            raise ModelError(
+                f"Model {str(self.info.path)!r} returned an output of shape {list(out.shape)}; "
+                f"the end2end adapter expects [B>={len(transforms)}, N, {6 + k * d}]."
+            )
+        return [
+            decode_end2end(out[b], t, k, d, self.score_threshold, self.max_detections)
+            for b, t in enumerate(transforms)
+        ]
+
+
+def decode_end2end(
+    rows: np.ndarray,
+    transform: Transform,
+    num_keypoints: int,
+    values_per_keypoint: int,
+    score_threshold: float,
+    max_detections: int | None = None,
+) -> Detections:
+    """One image's ``[N, 6 + K*D]`` rows -> Detections in original-frame pixels."""
+    rows = np.asarray(rows, dtype=np.float32)
+    scores = rows[:, 4]
+    keep = np.flatnonzero((scores >= score_threshold) & (scores > 0.0))
+    if keep.size and max_detections is not None:
+        keep = keep[np.argsort(-scores[keep], kind="stable")[:max_detections]]
+    sel = rows[keep]
+    n = sel.shape[0]
+    boxes = transform.to_source(sel[:, 0:4].reshape(n, 2, 2)).reshape(n, 4)
+    kp_raw = sel[:, 6:6 + num_keypoints * values_per_keypoint].reshape(
+        n, num_keypoints, values_per_keypoint
+    )
+    keypoints = np.empty((n, num_keypoints, 3), np.float32)
+    keypoints[..., 0:2] = transform.to_source(kp_raw[..., 0:2])
+    if values_per_keypoint == 3:
+        keypoints[..., 2] = kp_raw[..., 2]
+    else:
+        keypoints[..., 2] = sel[:, 4:5]
+    return Detections(
+        boxes=boxes,
+        scores=sel[:, 4],
+        class_ids=np.rint(sel[:, 5]).astype(np.int32),
+        keypoints=keypoints,
+    )

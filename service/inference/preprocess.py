@@ -1,0 +1,129 @@
+"""Image preparation for a model input, as pure numpy/OpenCV functions.
+
+Coordinates use the pixel-centre convention of ``service.domain``: the centre of
+the top-left pixel is (0, 0).  Resizing an image of width ``w`` to ``w'`` maps a
+source x to ``(x + 0.5) * w'/w - 0.5`` (this is what ``cv2.resize`` samples), then
+padding adds its offset.  :class:`Transform` holds that per-axis affine map so that
+model outputs map back to original-frame pixels exactly (``to_source``), and
+training code can map ground truth into model pixels the same way (``to_model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from service.domain import ImageArray
+from service.inference.metadata import InputSpec, dtype_of
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Transform:
+    """Source image pixels -> model input pixels, per axis: scale, then integer pad."""
+
+    scale_x: float
+    scale_y: float
+    pad_x: int
+    pad_y: int
+    src_width: int
+    src_height: int
+
+    def to_model(self, xy: npt.ArrayLike) -> FloatArray:
+        """Map points (..., 2) from source-image pixels to model-input pixels."""
+        p = np.asarray(xy, dtype=np.float64)
+        out = np.empty_like(p)
+        out[..., 0] = (p[..., 0] + 0.5) * self.scale_x - 0.5 + self.pad_x
+        out[..., 1] = (p[..., 1] + 0.5) * self.scale_y - 0.5 + self.pad_y
+        return out.astype(np.float32)
+
+    def to_source(self, xy: npt.ArrayLike) -> FloatArray:
+        """Map points (..., 2) from model-input pixels back to source-image pixels."""
+        p = np.asarray(xy, dtype=np.float64)
+        out = np.empty_like(p)
+        out[..., 0] = (p[..., 0] - self.pad_x + 0.5) / self.scale_x - 0.5
+        out[..., 1] = (p[..., 1] - self.pad_y + 0.5) / self.scale_y - 0.5
+        return out.astype(np.float32)
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
+
+
+def _resize(image: ImageArray, width: int, height: int) -> ImageArray:
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    shrink = width < w or height < h
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(image, (width, height), interpolation=interp), np.uint8)
+
+
+def letterbox(
+    image: ImageArray, size: tuple[int, int], pad_value: int = 114
+) -> tuple[ImageArray, Transform]:
+    """Resize keeping the aspect ratio to fit ``size`` = (H, W), pad the rest (centred)."""
+    _check_image(image)
+    out_h, out_w = size
+    h, w = image.shape[:2]
+    r = min(out_h / h, out_w / w)
+    new_w = min(out_w, max(1, round(w * r)))
+    new_h = min(out_h, max(1, round(h * r)))
+    resized = _resize(image, new_w, new_h)
+    pad_x = (out_w - new_w) // 2
+    pad_y = (out_h - new_h) // 2
+    if (new_w, new_h) == (out_w, out_h):
+        canvas = np.ascontiguousarray(resized)
+    else:
+        canvas = np.full((out_h, out_w, 3), pad_value, dtype=np.uint8)
+        canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
+    return canvas, Transform(new_w / w, new_h / h, pad_x, pad_y, w, h)
+
+
+def stretch(image: ImageArray, size: tuple[int, int]) -> tuple[ImageArray, Transform]:
+    """Resize to ``size`` = (H, W) ignoring the aspect ratio."""
+    _check_image(image)
+    out_h, out_w = size
+    h, w = image.shape[:2]
+    resized = np.ascontiguousarray(_resize(image, out_w, out_h))
+    return resized, Transform(out_w / w, out_h / h, 0, 0, w, h)
+
+
+def fit(image: ImageArray, spec: InputSpec) -> tuple[ImageArray, Transform]:
+    """Letterbox or stretch one BGR image to the model's input size, as the spec says."""
+    size = (spec.height, spec.width)
+    if spec.resize == "stretch":
+        return stretch(image, size)
+    return letterbox(image, size, spec.pad_value)
+
+
+def to_layout(batch: ImageArray, spec: InputSpec) -> np.ndarray:
+    """Convert a (B, H, W, 3) uint8 BGR batch to the model's color, layout and dtype."""
+    x: np.ndarray = batch
+    if spec.color == "RGB":
+        x = x[..., ::-1]
+    if spec.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    dtype = dtype_of(spec)
+    if spec.normalization == "unit":
+        x = x.astype(dtype) * dtype.type(1.0 / 255.0)
+    elif x.dtype != dtype:
+        x = x.astype(dtype)
+    return np.ascontiguousarray(x)
+
+
+def make_batch(
+    images: Sequence[ImageArray], spec: InputSpec
+) -> tuple[np.ndarray, list[Transform]]:
+    """Fit every image and stack them into one model input batch."""
+    fitted = [fit(image, spec) for image in images]
+    batch = np.stack([f[0] for f in fitted]) if fitted else np.zeros(
+        (0, spec.height, spec.width, 3), np.uint8
+    )
+    return to_layout(batch, spec), [f[1] for f in fitted]

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.inference.metadata import InputSpec
+from service.inference.preprocess import Transform, letterbox, make_batch, stretch, to_layout
+
+
+def image_with_block(h: int, w: int, x0: int, y0: int, bw: int, bh: int) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[y0:y0 + bh, x0:x0 + bw] = 200
+    return img
+
+
+def centroid(img: np.ndarray, background: float = 0.0) -> np.ndarray:
+    """Intensity-weighted centroid (pixel-centre convention) of channel 0 above background."""
+    v = np.clip(img[..., 0].astype(np.float64) - background, 0.0, None)
+    ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    return np.array([(v * xs).sum() / v.sum(), (v * ys).sum() / v.sum()])
+
+
+def spec(**kw: object) -> InputSpec:
+    base: dict[str, object] = dict(
+        name="images", height=240, width=320, layout="NHWC", dtype="uint8", color="BGR",
+        normalization="in-graph", resize="letterbox", pad_value=114,
+    )
+    base.update(kw)
+    return InputSpec(**base)  # type: ignore[arg-type]
+
+
+def test_letterbox_halves_640x480_without_padding() -> None:
+    out, t = letterbox(np.zeros((480, 640, 3), np.uint8), (240, 320))
+    assert out.shape == (240, 320, 3)
+    assert (t.scale_x, t.scale_y, t.pad_x, t.pad_y) == (0.5, 0.5, 0, 0)
+    # pixel-centre convention: the source's top-left pixel centre is (0, 0)
+    np.testing.assert_allclose(t.to_model([0.0, 0.0]), [-0.25, -0.25])
+    np.testing.assert_allclose(t.to_model([1.0, 1.0]), [0.25, 0.25])
+
+
+def test_letterbox_pads_centred_with_the_pad_value() -> None:
+    out, t = letterbox(np.zeros((360, 640, 3), np.uint8), (240, 320), pad_value=114)
+    assert (t.pad_x, t.pad_y, t.scale_x, t.scale_y) == (0, 30, 0.5, 0.5)
+    assert (out[:30] == 114).all() and (out[-30:] == 114).all()
+    assert (out[30:210] == 0).all()
+
+
+@pytest.mark.parametrize(("h", "w"), [(480, 640), (360, 640), (600, 400), (100, 100), (481, 641)])
+def test_round_trip_is_exact(h: int, w: int) -> None:
+    _, t = letterbox(np.zeros((h, w, 3), np.uint8), (240, 320))
+    pts = np.random.default_rng(0).uniform(-10, max(h, w) + 10, size=(50, 2))
+    np.testing.assert_allclose(t.to_source(t.to_model(pts)), pts, atol=1e-3)
+    _, s = stretch(np.zeros((h, w, 3), np.uint8), (240, 320))
+    np.testing.assert_allclose(s.to_source(s.to_model(pts)), pts, atol=1e-3)
+
+
+@pytest.mark.parametrize(("h", "w", "block"), [
+    (480, 640, (101, 50, 6, 4)),  # exact 2x: INTER_AREA averages 2x2 blocks
+    (360, 640, (300, 200, 8, 10)),  # 2x with vertical padding
+    (720, 960, (333, 222, 9, 9)),  # 3x
+])
+def test_pixels_land_where_the_transform_says(h: int, w: int, block: tuple[int, ...]) -> None:
+    src = image_with_block(h, w, *block)
+    out, t = letterbox(src, (240, 320), pad_value=0)
+    np.testing.assert_allclose(centroid(out), t.to_model(centroid(src)), atol=1e-6)
+
+
+def test_non_integer_scale_keeps_the_centroid_within_uint8_rounding() -> None:
+    src = image_with_block(375, 500, 201, 150, 13, 11)  # scale 0.64
+    out, t = letterbox(src, (240, 320), pad_value=0)
+    assert t.scale_x == pytest.approx(0.64)
+    np.testing.assert_allclose(centroid(out), t.to_model(centroid(src)), atol=0.03)
+
+
+def test_upscale_uses_the_same_convention() -> None:
+    src = image_with_block(60, 80, 30, 20, 4, 4)
+    out, t = stretch(src, (240, 320))  # 4x up, bilinear
+    np.testing.assert_allclose(centroid(out), t.to_model(centroid(src)), atol=1e-6)
+
+
+def test_transform_maps_boxes_and_keypoint_arrays_of_any_shape() -> None:
+    t = Transform(0.5, 0.5, 0, 30, 640, 360)
+    pts = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    assert t.to_model(pts).shape == pts.shape
+    np.testing.assert_allclose(t.to_source(t.to_model(pts)), pts, atol=1e-4)
+
+
+def test_to_layout_nchw_rgb_unit_float() -> None:
+    batch = np.zeros((2, 4, 5, 3), np.uint8)
+    batch[..., 0] = 255  # blue in BGR
+    x = to_layout(batch, spec(layout="NCHW", dtype="float32", color="RGB", normalization="unit"))
+    assert x.shape == (2, 3, 4, 5) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_allclose(x[:, 2], 1.0)  # blue is the last channel in RGB
+    np.testing.assert_allclose(x[:, :2], 0.0)
+
+
+def test_to_layout_keeps_uint8_bgr_nhwc_untouched() -> None:
+    batch = np.random.default_rng(1).integers(0, 255, (1, 4, 5, 3), dtype=np.uint8)
+    x = to_layout(batch, spec())
+    assert x.dtype == np.uint8
+    np.testing.assert_array_equal(x, batch)
+
+
+def test_make_batch_stacks_mixed_sizes_with_one_transform_each() -> None:
+    images = [np.zeros((480, 640, 3), np.uint8), np.zeros((100, 300, 3), np.uint8)]
+    x, transforms = make_batch(images, spec())
+    assert x.shape == (2, 240, 320, 3)
+    assert transforms[0].src_width == 640 and transforms[1].src_width == 300
+    assert transforms[1].pad_y > 0
+
+
+def test_rejects_non_bgr_uint8_images() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        letterbox(np.zeros((10, 10, 3), np.float32), (240, 320))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="HxWx3"):
+        letterbox(np.zeros((10, 10), np.uint8), (240, 320))
