@@ -98,9 +98,9 @@ def model_eval(
     scenario: Annotated[str, typer.Option(help="Sim scenario: conveyor | calm | train.")] = (
         "conveyor"
     ),
-    seed: Annotated[int, typer.Option(help="Sim seed; use one the model was not trained on.")] = (
-        1000
-    ),
+    seed: Annotated[int, typer.Option(
+        help="Sim seed; default 9000 is outside the training (1000-1349) and val (2000+) seeds."
+    )] = 9000,
     frames: Annotated[int, typer.Option(min=1, help="Frames to evaluate.")] = 100,
     every: Annotated[int, typer.Option(min=1, help="Take every Nth sim frame (30 fps).")] = 5,
     start: Annotated[int, typer.Option(min=0, help="First sim frame index.")] = 0,
