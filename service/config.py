@@ -479,6 +479,14 @@ def _node_line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
 
 
+MAX_YAML_ENTRIES = 100_000
+"""A config with more keys and items than this (e.g. an alias bomb) is refused."""
+
+
+class _TooLarge(Exception):
+    """The YAML document nests too deep or expands to too many entries."""
+
+
 def _map_lines(
     node: yaml.Node,
     path: Loc,
@@ -489,8 +497,8 @@ def _map_lines(
     merged: bool = False,
 ) -> None:
     """Record the line of every mapping key and sequence item under ``path``."""
-    if depth > 100:
-        return
+    if depth > 100 or len(lines) > MAX_YAML_ENTRIES:
+        raise _TooLarge
     if isinstance(node, yaml.MappingNode):
         merges: list[yaml.Node] = []
         seen: dict[str, int] = {}
@@ -538,6 +546,12 @@ def parse_yaml(text: str, origin: str) -> _Parsed:
         dupes: list[tuple[Loc, int, str]] = []
         _map_lines(node, (), lines, dupes)  # before construction, which flattens merges
         data = loader.construct_document(node)
+    except _TooLarge:
+        message = (
+            f"the document nests deeper than 100 levels or expands (through aliases) to more "
+            f"than {MAX_YAML_ENTRIES} keys and items"
+        )
+        return _Parsed(None, issues=[ConfigIssue(origin, None, "", message)])
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         detail = " ".join(str(p) for p in (exc.context, exc.problem) if p)

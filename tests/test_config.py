@@ -453,3 +453,11 @@ def test_cli_config_check_missing_file(tmp_path: Path, cli: Cli) -> None:
     code, out = cli("config", "check", str(tmp_path / "nope.yaml"))
     assert code == 1
     assert out == f"{tmp_path / 'nope.yaml'}: config file not found\n"
+
+
+def test_alias_bomb_is_refused(write_config: WriteConfig) -> None:
+    rows = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    path = write_config("\n".join(rows) + "\n")
+    errors = _errors(path)
+    assert len(errors) == 1 and "expands (through aliases)" in errors[0]

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Collection
 from types import TracebackType
@@ -189,6 +190,7 @@ class Subscription:
 
     def get_blocking(self, timeout: float | None = None) -> Message | None:
         """Wait in this thread for the next message; None after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:
                 message = self._pop_locked()
@@ -196,11 +198,10 @@ class Subscription:
                     return message
                 if self._closed_reason is not None:
                     raise HubClosed(self._closed_reason)
-                if not self._ready.wait(timeout) and timeout is not None:
-                    message = self._pop_locked()
-                    if message is None and self._closed_reason is not None:
-                        raise HubClosed(self._closed_reason)
-                    return message
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._ready.wait(left)
 
     async def get(self) -> Message:
         """The next message; raises :class:`HubClosed` once the subscription has ended.
