@@ -137,8 +137,7 @@ class OrtModel:
         self.config = config or InferenceConfig()
         self.name = name or self.path.stem
         self._session, requested = open_session(self.path, self.config)
-        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
-        self.provider: str = self.providers[0]
+        self._providers: tuple[str, ...] = tuple(self._session.get_providers())
         self._check_provider(requested)
         self.info: ModelInfo = model_info_from_session(self.path, self._session)
         choice = select_adapter(self.info)
@@ -158,6 +157,16 @@ class OrtModel:
         for p in (*GPU_PROVIDERS, CPU):
             metrics.PROVIDER.labels(self.name, p).set(1.0 if p == self.provider else 0.0)
         metrics.MODEL_LOADED.labels(self.name).set(1.0)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that actually runs the model (ORT may have fallen back)."""
+        return self._providers[0]
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """All providers of the session, in priority order (the CPU is always last)."""
+        return self._providers
 
     def _check_provider(self, requested: list[str]) -> None:
         if self.provider == requested[0]:
