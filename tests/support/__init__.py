@@ -1,0 +1,1 @@
+"""Test helpers that run real servers (RTSP, ...)."""
