@@ -1,4 +1,4 @@
-"""Fixtures for the source tests: real clips, and a real RTSP server on loopback."""
+"""Fixtures for the source tests: real clips, real RTSP and MJPEG servers on loopback."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import selectors
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,3 +153,54 @@ def rtsp_server(
     yield start
     for server in started:
         server.kill()
+
+
+class _MjpegHandler(BaseHTTPRequestHandler):
+    """multipart/x-mixed-replace JPEGs at ~20 fps; frame i is a flat gray of i % 256.
+
+    ``server.frames_per_client`` frames per connection, then the server hangs up
+    (a camera that drops its stream).
+    """
+
+    server: MjpegServer
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        return
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        try:
+            for i in range(self.server.frames_per_client):
+                ok, jpg = cv2.imencode(".jpg", np.full((120, 160, 3), i % 256, np.uint8))
+                assert ok
+                data = jpg.tobytes()
+                self.wfile.write(
+                    b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                    % len(data) + data + b"\r\n"
+                )
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
+class MjpegServer(ThreadingHTTPServer):
+    daemon_threads = True
+    frames_per_client = 40
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/video.mjpg"
+
+
+@pytest.fixture
+def mjpeg_server() -> Iterator[MjpegServer]:
+    """A real MJPEG-over-HTTP server on a free loopback port."""
+    server = MjpegServer(("127.0.0.1", 0), _MjpegHandler)
+    thread = threading.Thread(target=server.serve_forever, name="mjpeg-server", daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)

@@ -8,7 +8,7 @@ import pytest
 
 from service.errors import SourceError
 from service.sources import EndOfStream, OpenCVSource, SourceOptions, open_source
-from tests.sources.conftest import CLIP_FPS, CLIP_FRAMES, CLIP_SHAPE
+from tests.sources.conftest import CLIP_FPS, CLIP_FRAMES, CLIP_SHAPE, MjpegServer
 
 
 def opened(spec: str, **options: object) -> OpenCVSource:
@@ -131,3 +131,21 @@ def test_missing_usb_device(tmp_path: Path) -> None:
     source = open_source("/dev/video987", SourceOptions())
     with pytest.raises(SourceError, match="USB camera /dev/video987"):
         source.open()
+
+
+def test_mjpeg_over_http_delivers_frames_then_reports_the_hang_up(
+    mjpeg_server: MjpegServer,
+) -> None:
+    mjpeg_server.frames_per_client = 15
+    source = opened(mjpeg_server.url, open_timeout_s=2, read_timeout_s=2)
+    try:
+        levels = []
+        with pytest.raises(SourceError, match="ended or the connection was lost"):
+            for _ in range(30):
+                image = source.read()
+                assert image.shape == (120, 160, 3)
+                levels.append(int(image.mean().round()))
+        assert len(levels) >= 10
+        assert levels == sorted(levels) and levels[-1] - levels[0] >= 9  # in order, live
+    finally:
+        source.close()
