@@ -86,3 +86,37 @@ MESSAGES_PUBLISHED = Counter(
 )
 
 BUILD_INFO = Info("build", "LineWatch version.", namespace=NAMESPACE)
+
+# --- rules, line states, events (service/rules; appended by the rules engineer) ---
+LINE_STATE = Gauge(
+    "line_state", "1 for the line's current state (RUNNING, IDLE, STOPPED, JAMMED, FAULT, "
+    "UNKNOWN), 0 for the others.", ["line", "state"], namespace=NAMESPACE,
+)
+RULE_VIOLATED = Gauge(
+    "rule_violated", "1 while the rule is violated, else 0.", ["line", "rule", "type"],
+    namespace=NAMESPACE,
+)
+RULE_UNKNOWN = Gauge(
+    "rule_unknown", "1 while the rule's status is unknown (stale camera, no evidence yet).",
+    ["line", "rule", "type"], namespace=NAMESPACE,
+)
+PARTS_COUNTED = Counter(
+    "parts_counted", "Tracks counted crossing a throughput rule's count line.",
+    ["line", "rule"], namespace=NAMESPACE,
+)
+BELT_SPEED = Gauge(
+    "belt_speed_meters_per_second",
+    "Belt speed estimated by a conveyor rule from its tracked parts (NaN: no parts).",
+    ["line", "rule"], namespace=NAMESPACE,
+)
+CYCLE_TIME = Histogram(
+    "cycle_time_seconds", "Time between successive counted parts of a line.", ["line"],
+    buckets=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0),
+    namespace=NAMESPACE,
+)
+POSE_RESIDUAL = Histogram(
+    "pose_fit_residual_meters", "RMS residual of the rigid fit of a part's keypoints to its "
+    "template.", ["camera"],
+    buckets=(0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05),
+    namespace=NAMESPACE,
+)
