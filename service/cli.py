@@ -184,6 +184,63 @@ def config_show(
 # --- serve / bench ---------------------------------------------------------
 
 
+# --- calibrate (geometry) ----------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def calibrate(
+    points: Annotated[Path | None, typer.Option(
+        help="CSV of point pairs: u_px, v_px, x_mm, y_mm per line (>= 4).")] = None,
+    checkerboard: Annotated[Path | None, typer.Option(
+        help="Image of a checkerboard lying on the work plane.")] = None,
+    charuco: Annotated[Path | None, typer.Option(
+        help="Image of a ChArUco board lying on the work plane.")] = None,
+    pattern: Annotated[str, typer.Option(
+        help="Checkerboard inner corners COLSxROWS; ChArUco squares COLSxROWS.")] = "9x6",
+    square_mm: Annotated[float, typer.Option(help="Board square size in mm.")] = 25.0,
+    marker_mm: Annotated[float | None, typer.Option(
+        help="ChArUco marker size in mm (default 0.75 x square).")] = None,
+    dictionary: Annotated[str, typer.Option(help="ChArUco ArUco dictionary.")] = "DICT_5X5_100",
+    intrinsics: Annotated[Path | None, typer.Option(
+        help="YAML/JSON with camera_matrix and dist_coeffs (undistort first).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compute a camera's homography (px -> work-plane mm) and its reprojection error."""
+    import json
+
+    from service.errors import CalibrationError
+    from service.geometry import Homography
+    from service.geometry.io import (
+        calibration_report,
+        parse_grid,
+        read_image,
+        read_intrinsics,
+        read_points_csv,
+        render_report,
+    )
+
+    given = [p for p in (points, checkerboard, charuco) if p is not None]
+    if len(given) != 1:
+        raise CalibrationError("give exactly one of --points, --checkerboard or --charuco")
+    k, dist = read_intrinsics(intrinsics) if intrinsics else (None, None)
+    if points is not None:
+        px, mm = read_points_csv(points)
+        h = Homography.from_points(px, mm, k, dist)
+    elif checkerboard is not None:
+        h = Homography.from_checkerboard(
+            read_image(checkerboard), parse_grid(pattern), square_mm, k, dist
+        )
+    else:
+        assert charuco is not None
+        h = Homography.from_charuco(
+            read_image(charuco), parse_grid(pattern, "squares"), square_mm,
+            marker_mm if marker_mm is not None else 0.75 * square_mm, dictionary, k, dist,
+        )  # fmt: skip
+    report = calibration_report(h, str(given[0]))
+    typer.echo(json.dumps(report) if as_json else render_report(report))
+
+
 def main() -> None:
     app()
 
