@@ -21,12 +21,12 @@ def iou_matrix(a: npt.ArrayLike, b: npt.ArrayLike) -> F64:
     """IoU of boxes a (N, 4) and b (M, 4), x1 y1 x2 y2 -> (N, M)."""
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0.0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0.0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0.0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
+    wh = np.maximum(np.minimum(a[:, None, 2:], b[None, :, 2:])
+                    - np.maximum(a[:, None, :2], b[None, :, :2]), 0.0)
+    inter = wh[..., 0] * wh[..., 1]
+    size_a = np.maximum(a[:, 2:] - a[:, :2], 0.0)
+    size_b = np.maximum(b[:, 2:] - b[:, :2], 0.0)
+    union = (size_a[:, 0] * size_a[:, 1])[:, None] + size_b[:, 0] * size_b[:, 1] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
@@ -77,7 +77,8 @@ def similarity_matrix(
     """
     b = np.asarray(boxes_b, np.float64).reshape(-1, 4)
     iou = iou_matrix(boxes_a, b)
-    areas = np.prod(np.clip(b[:, 2:] - b[:, :2], 0.0, None), axis=1)
+    size = np.maximum(b[:, 2:] - b[:, :2], 0.0)
+    areas = size[:, 0] * size[:, 1]
     sim = iou
     if oks_weight > 0:
         oks, has = oks_matrix(kp_a, kp_b, areas, oks_sigma, keypoint_thresh)

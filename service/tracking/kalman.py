@@ -21,22 +21,19 @@ _MIN_SIZE = 1.0
 
 def xyxy_to_cxcywh(boxes: npt.ArrayLike) -> F64:
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    return np.column_stack(
-        [(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]]
-    )
+    return np.concatenate([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], axis=1)
 
 
 def cxcywh_to_xyxy(z: npt.ArrayLike) -> F64:
     b = np.asarray(z, np.float64).reshape(-1, 4)
     half = b[:, 2:4] / 2
-    return np.column_stack([b[:, :2] - half, b[:, :2] + half])
+    return np.concatenate([b[:, :2] - half, b[:, :2] + half], axis=1)
 
 
 def _size(z: F64) -> F64:
     """(N, 4) noise scale per state coordinate: w, h, w, h."""
-    w = np.maximum(z[:, 2], _MIN_SIZE)
-    h = np.maximum(z[:, 3], _MIN_SIZE)
-    return np.column_stack([w, h, w, h])
+    wh = np.maximum(z[:, 2:4], _MIN_SIZE)
+    return np.concatenate([wh, wh], axis=1)
 
 
 def initiate(z: npt.ArrayLike) -> tuple[F64, F64]:
@@ -59,12 +56,17 @@ def predict(mean: F64, cov: F64, dt: npt.ArrayLike) -> tuple[F64, F64]:
     new_mean = mean.copy()
     new_mean[:, :4] += dt[:, None] * mean[:, 4:]
     new_mean[:, 2:4] = np.maximum(new_mean[:, 2:4], _MIN_SIZE)
-    f = np.broadcast_to(np.eye(8), (n, 8, 8)).copy()
-    f[:, np.arange(4), np.arange(4) + 4] = dt[:, None]
+    # F P F^T for F = [[I, dt I], [0, I]], written out blockwise
+    d = dt[:, None, None]
+    p11, p12, p21, p22 = cov[:, :4, :4], cov[:, :4, 4:], cov[:, 4:, :4], cov[:, 4:, 4:]
+    new_cov = np.empty_like(cov)
+    new_cov[:, :4, :4] = p11 + d * (p12 + p21) + d * d * p22
+    new_cov[:, :4, 4:] = p12 + d * p22
+    new_cov[:, 4:, :4] = p21 + d * p22
+    new_cov[:, 4:, 4:] = p22
     s = _size(mean[:, :4])
     steps = (dt * NOMINAL_FPS)[:, None]
     q = np.concatenate([(STD_POSITION * s) ** 2, (STD_VELOCITY * s) ** 2], axis=1) * steps
-    new_cov = f @ cov @ f.transpose(0, 2, 1)
     idx = np.arange(8)
     new_cov[:, idx, idx] += q
     return new_mean, new_cov

@@ -245,7 +245,7 @@ def test_memory_stays_bounded_over_100k_updates_with_churn() -> None:
             live.append((int(rng.integers(5, 60)), float(rng.uniform(0, 500)),
                          float(rng.uniform(0, 400))))
         boxes = [_box(x, y) for _, x, y in live if rng.random() > 0.1]
-        tracks = tracker.update(_dets(boxes, k=2), i / 30)
+        tracks = tracker.update(_dets(boxes), i / 30)
         peak = max(peak, tracker.num_tracks)
         if len(tracks):
             max_id = max(max_id, int(tracks.track_ids.max()))
