@@ -184,6 +184,51 @@ def config_show(
 # --- serve / bench ---------------------------------------------------------
 
 
+@app.command()
+@friendly_errors
+def serve(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default: api.host).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Listen port, 0 = any free (default: api.port).")
+    ] = None,
+) -> None:
+    """Run cameras, models and the API (REST, websocket, /metrics) until SIGTERM."""
+    from service.app import serve as run_serve
+
+    run_serve(config, host, port)
+
+
+@app.command()
+@friendly_errors
+def bench(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
+    ] = None,
+    cameras: Annotated[
+        int | None,
+        typer.Option(min=1, help="Run N cameras (copies of the first one, other seeds)."),
+    ] = None,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Measured run time.")] = 10.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
+) -> None:
+    """Run the pipeline as fast as it can and compare it with a bare ONNX Runtime loop."""
+    import json as _json
+
+    from service.bench import run_bench
+
+    result = run_bench(config, cameras=cameras, seconds=seconds)
+    if json_out:
+        typer.echo(_json.dumps(result))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key:>16}: {value}")
+
+
 # --- calibrate (geometry) ----------------------------------------------------
 
 

@@ -1,0 +1,236 @@
+"""The FastAPI app factory: routes over a :class:`RuntimeView` and a hub.
+
+Everything a route needs is passed to :func:`create_app` and captured by the
+route closures: the runtime view (read-only snapshots), the hub (websocket
+subscriptions), the settings (auth, queue sizes) and the websocket client
+registry (so a server can close every client with 1001 on shutdown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from service.api.auth import Scope, TokenAuth
+from service.api.schemas import CameraSnapshot, ErrorBody, Health, ModelSnapshot, Readiness
+from service.api.snapshot import draw_annotations, encode_jpeg
+from service.api.views import RuntimeView
+from service.api.ws import WebsocketClients, stream_frames
+from service.bus import Bus
+
+API_PREFIX = "/api/v1"
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
+_AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the API itself needs from the configuration."""
+
+    auth: TokenAuth = field(default_factory=TokenAuth)
+    ws_queue: int = 32  # frame messages buffered per websocket client
+    jpeg_quality: int = 85
+    title: str = "LineWatch"
+    version: str = "0.1.0"
+
+
+CameraId = Annotated[str, Path(description="A camera id from GET /api/v1/cameras.")]
+ModelId = Annotated[str, Path(description="A model id from GET /api/v1/models.")]
+Annotate = Annotated[bool, Query(description="Draw boxes, keypoints and skeletons.")]
+
+_bearer = HTTPBearer(auto_error=False, description="Only when auth is enabled in the config.")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _requires(auth: TokenAuth, scope: Scope) -> Callable[[Credentials], None]:
+    def check(credentials: Credentials) -> None:
+        header = f"Bearer {credentials.credentials}" if credentials else None
+        decision = auth.check(header, scope)
+        if not decision.allowed:
+            headers = {"WWW-Authenticate": "Bearer"} if decision.status == 401 else None
+            raise HTTPException(decision.status, decision.detail, headers=headers)
+
+    return check
+
+
+def parse_camera_list(raw: str | None, known: set[str]) -> set[str] | None:
+    """``"a,b"`` -> {"a", "b"}; None/empty -> None (all cameras); ValueError when bad."""
+    if raw is None or raw.strip() == "":
+        return None
+    wanted = [c.strip() for c in raw.split(",")]
+    if any(c == "" for c in wanted):
+        raise ValueError(f"cameras={raw!r} has an empty entry; use a comma-separated list of ids")
+    unknown = sorted(set(wanted) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown camera(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+        )
+    return set(wanted)
+
+
+def create_app(
+    view: RuntimeView,
+    hub: Bus,
+    settings: ApiSettings | None = None,
+    *,
+    clients: WebsocketClients | None = None,
+) -> FastAPI:
+    """Build the LineWatch API (OpenAPI at ``/docs``)."""
+    settings = settings or ApiSettings()
+    clients = clients or WebsocketClients()
+    auth = settings.auth
+    read = [Depends(_requires(auth, "read"))]
+    admin = [Depends(_requires(auth, "admin"))]
+
+    app = FastAPI(
+        title=settings.title,
+        version=settings.version,
+        description="Live part coordinates from camera streams: REST, websocket, metrics.",
+    )
+
+    def camera_or_404(camera_id: str) -> CameraSnapshot:
+        camera = view.camera(camera_id)
+        if camera is None:
+            raise HTTPException(404, f"no camera with id {camera_id!r}")
+        return camera
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> Health:
+        """The process is alive."""
+        return Health()
+
+    @app.get(
+        "/readyz", response_model=Readiness, tags=["health"],
+        responses={503: {"model": Readiness}},
+    )
+    def readyz() -> Response:
+        """200 once every model is loaded and at least one camera is up, else 503."""
+        readiness = view.readiness()
+        return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text exposition format."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        f"{API_PREFIX}/cameras", response_model=list[CameraSnapshot], dependencies=read,
+        tags=["cameras"], responses=_AUTH,
+    )
+    def list_cameras() -> list[CameraSnapshot]:
+        """Every camera: source (credentials masked), state, fps, counters."""
+        return view.cameras()
+
+    @app.get(
+        f"{API_PREFIX}/cameras/{{camera_id}}", response_model=CameraSnapshot, dependencies=read,
+        tags=["cameras"], responses={**_NOT_FOUND, **_AUTH},
+    )
+    def get_camera(camera_id: CameraId) -> CameraSnapshot:
+        return camera_or_404(camera_id)
+
+    @app.get(
+        f"{API_PREFIX}/cameras/{{camera_id}}/latest", dependencies=read, tags=["cameras"],
+        responses={**_NOT_FOUND, **_AUTH, 503: {"model": ErrorBody}},
+    )
+    def latest(camera_id: CameraId) -> Response:
+        """The newest frame message of the camera (same JSON as the websocket)."""
+        camera_or_404(camera_id)
+        snap = view.latest(camera_id)
+        if snap is None:
+            raise HTTPException(
+                503, f"camera {camera_id!r} has no processed frame yet", {"Retry-After": "1"}
+            )
+        return JSONResponse(snap.message)
+
+    @app.get(
+        f"{API_PREFIX}/cameras/{{camera_id}}/snapshot.jpg", dependencies=read, tags=["cameras"],
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}, "description": "The newest processed frame."},
+            **_NOT_FOUND, **_AUTH, 503: {"model": ErrorBody},
+        },
+    )
+    def snapshot(
+        camera_id: CameraId,
+        annotated: Annotate = True,
+    ) -> Response:
+        """The newest processed frame as JPEG, annotated with its detections by default."""
+        camera_or_404(camera_id)
+        snap = view.latest(camera_id)
+        if snap is None:
+            raise HTTPException(
+                503, f"camera {camera_id!r} has no processed frame yet", {"Retry-After": "1"}
+            )
+        image = (
+            draw_annotations(snap.image, snap.message, view.classes(camera_id))
+            if annotated
+            else snap.image
+        )
+        headers = {"X-Frame-Seq": str(snap.message.get("seq", "")), "Cache-Control": "no-store"}
+        return Response(
+            encode_jpeg(image, settings.jpeg_quality), media_type="image/jpeg", headers=headers
+        )
+
+    @app.get(
+        f"{API_PREFIX}/models", response_model=list[ModelSnapshot], dependencies=read,
+        tags=["models"], responses=_AUTH,
+    )
+    def list_models() -> list[ModelSnapshot]:
+        """Every model: path, provider in use, classes, keypoints, inputs."""
+        return view.models()
+
+    @app.get(
+        f"{API_PREFIX}/models/{{model_id}}", response_model=ModelSnapshot, dependencies=read,
+        tags=["models"], responses={**_NOT_FOUND, **_AUTH},
+    )
+    def get_model(model_id: ModelId) -> ModelSnapshot:
+        for model in view.models():
+            if model.id == model_id:
+                return model
+        raise HTTPException(404, f"no model with id {model_id!r}")
+
+    @app.get(f"{API_PREFIX}/config", dependencies=admin, tags=["admin"], responses=_AUTH)
+    def effective_config() -> dict[str, Any]:
+        """The configuration in effect, secrets masked (admin scope)."""
+        return view.effective_config()
+
+    @app.websocket(f"{API_PREFIX}/ws/frames")
+    async def ws_frames(websocket: WebSocket) -> None:
+        """Frame messages of ``?cameras=a,b`` (all cameras when absent)."""
+        params = websocket.query_params
+        decision = auth.check(
+            websocket.headers.get("authorization"), "read", params.get("token")
+        )
+        if not decision.allowed:
+            await _deny(websocket, decision.status, decision.detail)
+            return
+        try:
+            cameras = parse_camera_list(params.get("cameras"), {c.id for c in view.cameras()})
+        except ValueError as exc:
+            await _deny(websocket, 422, str(exc))
+            return
+        if clients.closing:
+            await _deny(websocket, 503, "server is shutting down")
+            return
+        await websocket.accept()
+        await stream_frames(websocket, hub, clients, cameras, settings.ws_queue)
+
+    @app.exception_handler(ValueError)
+    async def value_error(_request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    return app
+
+
+async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
+    """Refuse a websocket handshake with an HTTP status and a JSON body."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=status))
+    else:  # the server cannot send an HTTP response: close with policy violation
+        await websocket.close(code=1008, reason=detail[:120])

@@ -1,0 +1,361 @@
+"""The composition root: cameras, models, inference loops and the hub, from a Config.
+
+``Runtime.build(config, hub)`` parses every camera source and loads every model
+(ONNX Runtime session, warm-up) before anything starts, so a bad config or a bad
+model fails at once with its own message.  ``start()`` starts the capture threads
+and one inference loop per model; ``stop()`` drains gracefully: it stops the
+cameras, lets each loop publish its in-flight batch, then closes the hub.
+
+The API sees the runtime only through :class:`RuntimeStatus` (read-only
+snapshots, see ``service.api.views.RuntimeView``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from service.api.schemas import (
+    CameraSnapshot,
+    ClassSnapshot,
+    ModelSnapshot,
+    Readiness,
+    TensorSnapshot,
+)
+from service.api.views import LatestSnapshot
+from service.config import CameraConfig, Config, ModelConfig
+from service.domain import ClassInfo, Frame
+from service.inference import InferenceConfig, OrtModel
+from service.pipeline import CameraFeed, InferenceLoop, LatestFrames, Message, iso_utc
+from service.sources import Backoff, Camera, SourceOptions, mask_credentials
+
+log = logging.getLogger(__name__)
+
+
+class Hub(Protocol):
+    """What the runtime needs of the bus: a non-blocking publish, and close."""
+
+    def publish(self, msg: Message) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+@runtime_checkable
+class SimTimed(Protocol):
+    """A camera that knows the simulated time of each frame (sim:// sources)."""
+
+    def sim_time(self, seq: int) -> float | None: ...
+
+
+# --- config -> parts (pure) ----------------------------------------------------------
+
+
+def source_options(cam: CameraConfig) -> SourceOptions:
+    return SourceOptions(
+        fps=cam.fps,
+        loop=cam.loop,
+        realtime=cam.realtime,
+        open_timeout_s=cam.open_timeout_s,
+        read_timeout_s=cam.read_timeout_s,
+        backoff_initial_s=cam.backoff.initial_s,
+        backoff_max_s=cam.backoff.max_s,
+        width=cam.width,
+        height=cam.height,
+    )
+
+
+def inference_config(mod: ModelConfig) -> InferenceConfig:
+    from service.config import ORT_PROVIDERS
+
+    providers: str | list[str] = (
+        "auto" if mod.providers == "auto" else [ORT_PROVIDERS[p] for p in mod.providers]
+    )
+    return InferenceConfig(
+        providers=providers,
+        intra_op_threads=mod.intra_op_threads,
+        inter_op_threads=mod.inter_op_threads,
+        warmup_runs=mod.warmup_runs,
+        score_threshold=mod.score_threshold,
+    )
+
+
+def masked_config(config: Config) -> dict[str, Any]:
+    """The effective config as JSON data, with tokens and source credentials masked."""
+    data = config.model_dump(mode="json", by_alias=True)
+    for cam in data.get("cameras", []):
+        cam["source"] = mask_credentials(str(cam["source"]))
+    for token in data.get("api", {}).get("auth", {}).get("tokens", []):
+        token["token"] = "***"
+    return data
+
+
+def _sim_time_of(camera: Camera) -> Callable[[Frame], float | None] | None:
+    if not isinstance(camera, SimTimed) or not str(camera.spec).startswith("sim://"):
+        return None
+    lookup = camera.sim_time
+    return lambda frame: lookup(frame.seq)
+
+
+# --- the runtime -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    config: ModelConfig
+    model: OrtModel
+    cameras: tuple[str, ...]
+    max_batch: int
+
+
+class Runtime:
+    """Owns the cameras, models and loops built from one Config."""
+
+    def __init__(
+        self,
+        config: Config,
+        cameras: Mapping[str, Camera],
+        models: Mapping[str, LoadedModel],
+        loops: list[InferenceLoop],
+        hub: Hub,
+        latest: LatestFrames,
+    ) -> None:
+        self.config = config
+        self.cameras = dict(cameras)
+        self.models = dict(models)
+        self.loops = list(loops)
+        self.hub = hub
+        self.latest = latest
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+        self.status = RuntimeStatus(self)
+
+    @classmethod
+    def build(cls, config: Config, hub: Hub) -> Runtime:
+        """Parse every source and load every model; nothing runs yet."""
+        enabled = [c for c in config.cameras if c.enabled]
+        cameras = {
+            c.id: Camera(
+                c.id, c.source, source_options(c),
+                backoff=Backoff(c.backoff.initial_s, c.backoff.max_s),
+            )
+            for c in enabled
+        }
+        models: dict[str, LoadedModel] = {}
+        for mod in config.models:
+            model = OrtModel(mod.path, inference_config(mod), name=mod.id)
+            info = model.info
+            max_batch = mod.max_batch if info.dynamic_batch else (info.fixed_batch or 1)
+            models[mod.id] = LoadedModel(
+                mod, model, tuple(c.id for c in enabled if c.model == mod.id), max_batch
+            )
+        latest = LatestFrames()
+        loops = []
+        for loaded in models.values():
+            if not loaded.cameras:
+                continue
+            feeds = [
+                CameraFeed(
+                    cam_id, cameras[cam_id], line=config.camera(cam_id).line,
+                    sim_time=_sim_time_of(cameras[cam_id]),
+                )
+                for cam_id in loaded.cameras
+            ]
+            loops.append(
+                InferenceLoop(
+                    loaded.config.id, loaded.model, loaded.model.info.classes, feeds, hub,
+                    max_batch=loaded.max_batch, latest=latest,
+                )
+            )
+        return cls(config, cameras, models, loops, hub, latest)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        for loop in self.loops:
+            loop.start()
+        for camera in self.cameras.values():
+            camera.start()
+        log.info(
+            "runtime started: %d camera(s), %d model(s): %s",
+            len(self.cameras), len(self.models),
+            ", ".join(f"{m.config.id} on {m.model.provider}" for m in self.models.values()),
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the cameras, publish the in-flight batches, close the hub (idempotent)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        for camera in self.cameras.values():
+            camera.stop(timeout)
+        for loop in self.loops:
+            loop.stop(timeout)
+        self.hub.close()
+        log.info("runtime stopped")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped
+
+    def processed(self, camera_id: str) -> int:
+        return sum(loop.processed(camera_id) for loop in self.loops)
+
+
+class RuntimeStatus:
+    """Read-only snapshots of a :class:`Runtime` for the API (a ``RuntimeView``)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def cameras(self) -> list[CameraSnapshot]:
+        return [self._camera(cam_id) for cam_id in self._rt.cameras]
+
+    def camera(self, camera_id: str) -> CameraSnapshot | None:
+        return self._camera(camera_id) if camera_id in self._rt.cameras else None
+
+    def _camera(self, camera_id: str) -> CameraSnapshot:
+        st = self._rt.cameras[camera_id].status()
+        cfg = self._rt.config.camera(camera_id)
+        return CameraSnapshot(
+            id=camera_id,
+            source=st.source,
+            state=st.state,
+            reason=st.reason,
+            fps=round(st.fps, 2),
+            last_frame_time=iso_utc(st.last_frame_wall) if st.last_frame_wall else None,
+            last_frame_ts=st.last_frame_wall,
+            reconnects=st.reconnects,
+            frames_captured=st.frames_captured,
+            frames_processed=self._rt.processed(camera_id),
+            frames_dropped=st.frames_dropped,
+            model=cfg.model or "",
+            line=cfg.line,
+        )
+
+    def models(self) -> list[ModelSnapshot]:
+        out = []
+        for loaded in self._rt.models.values():
+            info = loaded.model.info
+            out.append(
+                ModelSnapshot(
+                    id=loaded.config.id,
+                    path=str(loaded.config.path),
+                    provider=loaded.model.provider,
+                    loaded=True,
+                    classes=[
+                        ClassSnapshot(
+                            id=i, name=c.name, keypoints=list(c.keypoint_names),
+                            skeleton=[(int(a), int(b)) for a, b in c.skeleton],
+                        )
+                        for i, c in enumerate(info.classes)
+                    ],
+                    keypoints=info.num_keypoints,
+                    inputs=[
+                        TensorSnapshot(name=t.name, shape=list(t.shape), dtype=t.dtype)
+                        for t in info.inputs
+                    ],
+                    imgsz=list(info.imgsz),
+                    dynamic_batch=info.dynamic_batch,
+                    max_batch=loaded.max_batch,
+                    cameras=list(loaded.cameras),
+                )
+            )
+        return out
+
+    def readiness(self) -> Readiness:
+        reasons = []
+        loops_ok = all(loop.running for loop in self._rt.loops)
+        if self._rt.stopping:
+            reasons.append("shutting down")
+        elif not loops_ok:
+            reasons.append("inference loops are not running")
+        up = sum(1 for cam in self._rt.cameras.values() if cam.ready)
+        if up == 0:
+            reasons.append("no camera is up yet")
+        models_loaded = loops_ok and not self._rt.stopping
+        return Readiness(
+            ready=models_loaded and up > 0, models_loaded=models_loaded, cameras_up=up,
+            reasons=reasons,
+        )
+
+    def latest(self, camera_id: str) -> LatestSnapshot | None:
+        latest = self._rt.latest.get(camera_id)
+        return None if latest is None else LatestSnapshot(latest.frame.image, latest.message)
+
+    def classes(self, camera_id: str) -> tuple[ClassInfo, ...]:
+        model_id = self._rt.config.camera(camera_id).model
+        loaded = self._rt.models.get(model_id or "")
+        return loaded.model.info.classes if loaded else ()
+
+    def effective_config(self) -> dict[str, Any]:
+        return masked_config(self._rt.config)
+
+
+# --- linewatch serve ------------------------------------------------------------------
+
+
+def api_settings(config: Config) -> Any:
+    """The API's own settings (auth tokens, websocket queue size) from the config."""
+    from service.api.auth import TokenAuth
+    from service.api.factory import ApiSettings
+
+    auth = config.api.auth
+    tokens = TokenAuth.from_pairs((t.token, [t.scope]) for t in auth.tokens) if auth.enabled \
+        else TokenAuth()
+    return ApiSettings(auth=tokens, ws_queue=config.bus.frame_queue)
+
+
+def setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(level)
+
+
+def serve(config_path: Path | None, host: str | None = None, port: int | None = None) -> None:
+    """``linewatch serve``: build and start the runtime, serve the API until SIGTERM."""
+    from service.api.factory import create_app
+    from service.api.server import bind_socket, bound_port, run_server
+    from service.api.ws import WebsocketClients
+    from service.bus import create_bus
+    from service.config import load_config
+
+    config = load_config(config_path)
+    setup_logging(config.logging.level)
+    host = host or config.api.host
+    sock = bind_socket(host, config.api.port if port is None else port)
+    runtime: Runtime | None = None
+    try:
+        hub = create_bus(
+            config.bus.url, frame_queue=config.bus.frame_queue,
+            event_limit=config.bus.event_queue_limit,
+        )
+        runtime = Runtime.build(config, hub)
+        clients = WebsocketClients()
+        app = create_app(runtime.status, hub, api_settings(config), clients=clients)
+        runtime.start()
+        base = f"http://{_url_host(host)}:{bound_port(sock)}"
+        log.info(
+            "LineWatch serving on %s  (API docs %s/docs, metrics %s/metrics, websocket "
+            "%s/api/v1/ws/frames); models: %s",
+            base, base, base, base.replace("http://", "ws://", 1),
+            ", ".join(f"{m.config.id} on {m.model.provider}" for m in runtime.models.values()),
+        )
+        run_server(app, sock, drain=runtime.stop, clients=clients,
+                   log_level=config.logging.level.lower())
+    finally:
+        if runtime is not None:
+            runtime.stop()
+        sock.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,263 @@
+"""``linewatch bench``: the pipeline flat out, against a bare ONNX Runtime loop.
+
+The configured cameras (sim or file sources) run in non-realtime mode, so each
+renders or decodes as fast as it can, and the real runtime (cameras, inference
+loop, message building) runs for ``seconds`` after a warm-up.  Every published
+message's capture-to-publish age is recorded.  Then, in the same process, the
+same model file with the same providers, threads and batch size runs in a bare
+loop of ``session.run`` on frames captured during the run, preprocessed once:
+``raw_model_fps``.  ``overhead_ratio = raw_model_fps / fps`` is what the
+pipeline costs on top of the model (1.0 = nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from service.app import LoadedModel, Runtime, inference_config
+from service.config import Config, load_config
+from service.domain import ImageArray
+from service.errors import ConfigError, LineWatchError
+from service.pipeline import Message
+
+
+class LatencyRecorder:
+    """A publisher that records capture-to-publish ages while ``recording``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recording = False
+        self.ages_ms: list[float] = []
+        self.frames = 0
+
+    def begin(self) -> None:
+        with self._lock:
+            self.ages_ms.clear()
+            self.frames = 0
+            self._recording = True
+
+    def end(self) -> None:
+        with self._lock:
+            self._recording = False
+
+    def publish(self, msg: Message) -> None:
+        if self._recording:
+            with self._lock:
+                self.ages_ms.append(float(msg["age_ms"]))
+                self.frames += 1
+
+    def close(self) -> None:
+        self.end()
+
+
+# --- the bench config (pure) ------------------------------------------------------------
+
+
+def _with_seed(source: str, seed: int) -> str:
+    parts = urlsplit(source)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "seed"]
+    query.append(("seed", str(seed)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def bench_config(config: Config, cameras: int | None = None) -> Config:
+    """The config to benchmark: enabled cameras, non-realtime; optionally N copies of the first.
+
+    Copies of a ``sim://`` camera get seeds 1..N so they show different parts.
+    """
+    data = config.model_dump(mode="python", by_alias=True)
+    enabled = [c for c in data["cameras"] if c.get("enabled", True)]
+    if not enabled:
+        raise ConfigError("linewatch bench needs at least one enabled camera in the config.")
+    if cameras is not None:
+        first = enabled[0]
+        copies = []
+        for i in range(cameras):
+            cam = {**first, "id": f"bench-{i + 1}"}
+            if str(first["source"]).startswith("sim://"):
+                cam["source"] = _with_seed(str(first["source"]), i + 1)
+            copies.append(cam)
+        enabled = copies
+    for cam in enabled:
+        cam["realtime"] = False
+        cam["loop"] = True
+    used = {c["model"] for c in enabled}
+    data["cameras"] = enabled
+    data["models"] = [m for m in data["models"] if m["id"] in used]
+    return Config.model_validate(data, context={"cross_checked": True})
+
+
+# --- machine info ---------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime as ort
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+        if match:
+            cpu = match.group(1).strip()
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+    }
+
+
+# --- the bare loop ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RawResult:
+    fps: float
+    runs: int
+    batch: int
+
+
+def raw_model_fps(loaded: LoadedModel, images: Sequence[ImageArray], seconds: float) -> RawResult:
+    """Images/s of a bare ``session.run`` loop: same file, providers, threads and batch."""
+    from service.inference.session import open_session
+
+    model = loaded.model
+    feeds, _ = model.adapter.preprocess(list(images))
+    session, _ = open_session(model.path, inference_config(loaded.config))
+    outputs = [o.name for o in session.get_outputs()]
+    n = len(images)
+    chunk = n if model.info.dynamic_batch else (model.info.fixed_batch or 1)
+    parts = []
+    for start in range(0, n, chunk):
+        part = {}
+        for name, value in feeds.items():
+            piece = value[start : start + chunk]
+            if piece.shape[0] < chunk:
+                pad = np.zeros((chunk - piece.shape[0], *piece.shape[1:]), piece.dtype)
+                piece = np.concatenate([piece, pad])
+            part[name] = piece
+        parts.append(part)
+    for part in parts:  # warm-up, as the service does
+        session.run(outputs, part)
+    runs = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        for part in parts:
+            session.run(outputs, part)
+        runs += 1
+        if time.perf_counter() >= deadline:
+            break
+    elapsed = time.perf_counter() - t0
+    return RawResult(fps=runs * n / elapsed, runs=runs, batch=n)
+
+
+# --- the bench ------------------------------------------------------------------------
+
+
+def _wait_until_up(runtime: Runtime, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(cam.ready for cam in runtime.cameras.values()):
+            return
+        time.sleep(0.05)
+    down = [f"{c.camera_id}: {c.status().state} {c.status().reason or ''}".strip()
+            for c in runtime.cameras.values() if not c.ready]
+    raise LineWatchError(
+        f"linewatch bench: camera(s) did not deliver frames within {timeout:.0f} s "
+        f"({'; '.join(down)}). Check the sources with linewatch serve first."
+    )
+
+
+def run_bench(
+    config_path: Path | None,
+    *,
+    cameras: int | None = None,
+    seconds: float = 10.0,
+    warmup_s: float = 2.0,
+    raw_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and return its one JSON object (see the module doc)."""
+    import psutil
+
+    config = bench_config(load_config(config_path), cameras)
+    recorder = LatencyRecorder()
+    runtime = Runtime.build(config, recorder)
+    if len(runtime.models) != 1:
+        raise ConfigError(
+            "linewatch bench measures one model; the cameras use "
+            f"{', '.join(runtime.models)}. Use --cameras N, or a config with one model."
+        )
+    loaded = next(iter(runtime.models.values()))
+    proc = psutil.Process()
+    try:
+        runtime.start()
+        _wait_until_up(runtime, timeout=60.0)
+        time.sleep(warmup_s)
+        dropped0 = sum(c.status().frames_dropped for c in runtime.cameras.values())
+        cpu0 = proc.cpu_times()
+        recorder.begin()
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        recorder.end()
+        elapsed = time.perf_counter() - t0
+        cpu1 = proc.cpu_times()
+        dropped = sum(c.status().frames_dropped for c in runtime.cameras.values()) - dropped0
+    finally:
+        runtime.stop()
+    images = []
+    for cam_id in loaded.cameras:
+        latest = runtime.latest.get(cam_id)
+        if latest is not None:
+            images.append(latest.frame.image)
+    if not images or recorder.frames == 0:
+        raise LineWatchError(
+            "linewatch bench: no frame went through the pipeline during the run; "
+            "run linewatch serve with this config to see why."
+        )
+    images = images[: loaded.max_batch]
+    raw = raw_model_fps(loaded, images, raw_seconds or min(10.0, max(2.0, seconds / 2)))
+    fps = recorder.frames / elapsed
+    ages = np.asarray(recorder.ages_ms)
+    cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    return {
+        "fps": round(fps, 2),
+        "latency_ms_p50": round(float(np.percentile(ages, 50)), 2),
+        "latency_ms_p99": round(float(np.percentile(ages, 99)), 2),
+        "raw_model_fps": round(raw.fps, 2),
+        "overhead_ratio": round(raw.fps / fps, 3),
+        "cpu_percent": round(100.0 * cpu_s / elapsed, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "provider": loaded.model.provider,
+        "model": str(loaded.config.path),
+        "cameras": len(loaded.cameras),
+        "batch": raw.batch,
+        "threads": {
+            "intra_op": loaded.config.intra_op_threads,
+            "inter_op": loaded.config.inter_op_threads,
+        },
+        "seconds": round(elapsed, 2),
+        "frames": recorder.frames,
+        "frames_dropped": dropped,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+    }
