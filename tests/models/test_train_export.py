@@ -151,3 +151,45 @@ def test_a_broken_export_fails_the_parity_check(live_ckpt: Path, tmp_path: Path)
         net.head_out.weight.mul_(1.5)  # torch no longer matches the file
     with pytest.raises(export_mod.ExportError, match="parity check failed"):
         export_mod.check_parity(net, onnx_path)
+
+
+def test_training_on_a_coco_file_exports_its_own_classes_and_keypoints(
+    coco_sample: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "coco"
+    code = train_mod.main(["--recipe", "tiny", "--out", str(out), "--coco", str(coco_sample),
+                           "--max-steps", "2", "--no-progress"])
+    assert code == 0
+    onnx_path = tmp_path / "person.onnx"
+    export_mod.export_checkpoint(out / "last.pt", onnx_path)
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert ast.literal_eval(meta["names"]) == {0: "person"}
+    assert json.loads(meta["kpt_shape"]) == [17, 3]
+    assert json.loads(meta["skeleton"])["person"][0] == [15, 13]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rows = session.run(None, {"images": np.zeros((1, 240, 320, 3), np.uint8)})[0]
+    assert rows.shape == (1, 10, 6 + 17 * 3)
+
+
+def test_the_model_card_is_written_from_the_measurements(
+    live_ckpt: Path, straight_run: Path, tmp_path: Path
+) -> None:
+    from models import card
+
+    onnx_path = tmp_path / "tiny.onnx"
+    export_mod.export_checkpoint(live_ckpt, onnx_path)
+    evaluation = {"recall": 0.985, "precision": 0.975, "kpt_err_px_mean": 0.8,
+                  "kpt_err_px_p95": 2.1, "per_class": {"arm": {"recall": 1.0, "precision": 0.95,
+                                                               "instances": 20}},
+                  "scenario": "conveyor", "seed": 9000, "frames": 100}
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps(evaluation))
+    latency = tmp_path / "latency.json"
+    latency.write_text(json.dumps({"ms_median": 4.5, "ms_p90": 5.0, "threads": 1}))
+    assert card.main([str(onnx_path), "--checkpoint", str(live_ckpt), "--log",
+                      str(straight_run / "log.jsonl"), "--eval", str(eval_json),
+                      "--latency", str(latency)]) == 0
+    text = onnx_path.with_suffix(".md").read_text()
+    assert "| arm | 1.000 | 0.950 | 20 |" in text
+    assert "mean 0.80 px" in text and "p95 2.10 px" in text
+    assert "median 4.50 ms" in text and "corner, long_tip, short_tip" in text
