@@ -1,0 +1,103 @@
+"""linewatch bench: the bench config, the recorder and a short real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from service.bench import LatencyRecorder, bench_config, run_bench
+from service.cli import app
+from service.config import Config, ConfigError
+from tests.api.conftest import _rows
+from tests.inference.onnx_factory import build_model
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    build_model(tmp_path / "tiny.onnx", _rows(2))
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({
+        "cameras": [
+            {"id": "a", "source": "sim://conveyor?seed=5&fps=15&width=320&height=240"},
+            {"id": "off", "source": "sim://conveyor", "enabled": False},
+        ],
+        "models": [{"id": "tiny", "path": "tiny.onnx", "intra_op_threads": 1}],
+    }))
+    return path
+
+
+def _config(path: Path) -> Config:
+    from service.config import load_config
+
+    return load_config(path, env={})
+
+
+def test_bench_config_runs_enabled_cameras_flat_out(config_file: Path) -> None:
+    cfg = bench_config(_config(config_file))
+    assert [c.id for c in cfg.cameras] == ["a"]
+    assert all(not c.realtime and c.loop for c in cfg.cameras)
+    assert cfg.models[0].path == config_file.parent / "tiny.onnx"
+
+
+def test_bench_config_copies_the_first_camera_with_new_seeds(config_file: Path) -> None:
+    cfg = bench_config(_config(config_file), cameras=3)
+    assert [c.id for c in cfg.cameras] == ["bench-1", "bench-2", "bench-3"]
+    assert [c.source for c in cfg.cameras] == [
+        f"sim://conveyor?fps=15&width=320&height=240&seed={i}" for i in (1, 2, 3)
+    ]
+
+
+def test_bench_config_needs_a_camera(config_file: Path) -> None:
+    cfg = _config(config_file).model_copy(update={"cameras": []})
+    with pytest.raises(ConfigError, match="at least one enabled camera"):
+        bench_config(cfg)
+
+
+def test_recorder_records_only_while_recording() -> None:
+    rec = LatencyRecorder()
+    rec.publish({"age_ms": 5.0})
+    rec.begin()
+    rec.publish({"age_ms": 7.0})
+    rec.publish({"age_ms": 9.0})
+    rec.end()
+    rec.publish({"age_ms": 11.0})
+    assert rec.ages_ms == [7.0, 9.0] and rec.frames == 2
+
+
+@pytest.mark.slow
+def test_a_short_real_bench(config_file: Path) -> None:
+    result = run_bench(config_file, cameras=2, seconds=1.5, warmup_s=0.5, raw_seconds=0.5)
+    assert result["cameras"] == 2 and result["batch"] == 2
+    assert result["fps"] > 5 and result["frames"] >= 8
+    assert 0 < result["latency_ms_p50"] <= result["latency_ms_p99"] < 1000
+    assert result["raw_model_fps"] > 0
+    assert result["overhead_ratio"] == pytest.approx(
+        result["raw_model_fps"] / result["fps"], rel=0.01
+    )
+    assert result["provider"] == "CPUExecutionProvider"
+    assert result["peak_rss_mb"] > 10 and result["cpu_percent"] > 0
+    assert result["machine"]["logical_cpus"] >= 1 and result["machine"]["onnxruntime"]
+
+
+@pytest.mark.slow
+def test_bench_cli_prints_one_json_object(config_file: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "--config", str(config_file), "--seconds", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("fps", "latency_ms_p50", "latency_ms_p99", "raw_model_fps", "overhead_ratio",
+                "cpu_percent", "peak_rss_mb", "provider"):
+        assert key in data
+
+
+def test_bench_cli_bad_config_is_a_clean_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cameras: 3\n")
+    result = CliRunner().invoke(app, ["bench", "--config", str(bad), "--json"])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "Traceback" not in result.output
