@@ -168,7 +168,8 @@ class Runtime:
             loops.append(
                 InferenceLoop(
                     loaded.config.id, loaded.model, loaded.model.info.classes, feeds, hub,
-                    max_batch=loaded.max_batch, latest=latest,
+                    max_batch=loaded.max_batch,
+                    batch_window_s=loaded.config.batch_window_ms / 1000.0, latest=latest,
                 )
             )
         return cls(config, cameras, models, loops, hub, latest)
@@ -310,7 +311,9 @@ def api_settings(config: Config) -> Any:
     auth = config.api.auth
     tokens = TokenAuth.from_pairs((t.token, [t.scope]) for t in auth.tokens) if auth.enabled \
         else TokenAuth()
-    return ApiSettings(auth=tokens, ws_queue=config.bus.frame_queue)
+    return ApiSettings(
+        auth=tokens, ws_queue=config.bus.frame_queue, cors_origins=tuple(config.api.cors_origins)
+    )
 
 
 def setup_logging(level: str) -> None:

@@ -3,7 +3,8 @@
 One :class:`InferenceLoop` runs per model, in its own thread.  Each turn it takes
 the newest frame of each of its cameras (a camera keeps only its newest frame and
 counts the ones it replaced: nothing is ever queued here), runs them through the
-model as one batch when the model has a dynamic batch dimension, turns every
+model as one batch when the model has a dynamic batch dimension (optionally
+waiting up to ``batch_window_s`` for the cameras that had no new frame yet), turns every
 result into a frame message (:func:`build_frame_message`, a pure function) and
 publishes it.
 
@@ -201,6 +202,7 @@ class InferenceLoop:
         publisher: Publisher,
         *,
         max_batch: int = 1,
+        batch_window_s: float = 0.0,
         latest: LatestFrames | None = None,
         idle_wait_s: float = 0.1,
         poll_s: float = 0.004,
@@ -213,6 +215,7 @@ class InferenceLoop:
         self._feeds = list(feeds)
         self._publisher = publisher
         self._max_batch = max(1, int(max_batch))
+        self._batch_window_s = max(0.0, batch_window_s)
         self._latest = latest
         self._idle_wait_s = idle_wait_s
         self._poll_s = poll_s
@@ -290,10 +293,29 @@ class InferenceLoop:
             if timeout > 0:
                 self._wait_for_frame(timeout)
             return 0
+        if self._batch_window_s > 0 and len(frames) < len(self._feeds):
+            self._fill_batch(frames, feeds)
         n = self._max_batch
         for start in range(0, len(frames), n):
             self._infer_and_publish(frames[start : start + n], feeds[start : start + n])
         return len(frames)
+
+    def _fill_batch(self, frames: list[Frame], feeds: list[CameraFeed]) -> None:
+        """Wait up to the batch window for the cameras that had no new frame."""
+        deadline = time.monotonic() + self._batch_window_s
+        missing = [f for f in self._feeds if f not in feeds]
+        while missing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            missing[0].source.wait(missing[0].last_seq, min(remaining, self._poll_s))
+            for feed in list(missing):
+                frame = feed.source.take(feed.last_seq)
+                if frame is not None:
+                    feed.last_seq = frame.seq
+                    frames.append(frame)
+                    feeds.append(feed)
+                    missing.remove(feed)
 
     def _wait_for_frame(self, timeout: float) -> None:
         if len(self._feeds) == 1:

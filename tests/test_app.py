@@ -99,3 +99,20 @@ def test_config_and_api_settings_mask_secrets(tmp_path: Path) -> None:
     assert auth.check("Bearer tok-a", "admin").allowed
     assert auth.check(None, "read").status == 401
     assert not api_settings(runtime_config(model, {"cam-1": SIM.format(1)})).auth.enabled
+
+
+def test_sim_t_names_the_frame_the_camera_rendered(runtime_factory) -> None:
+    import numpy as np
+
+    from service.sim import Scene
+
+    runtime, _ = runtime_factory({"cam-1": SIM.format(7)})
+    wait_for_frames(runtime)
+    runtime.stop()
+    latest = runtime.latest.get("cam-1")
+    assert latest is not None
+    image, _ = Scene("conveyor", seed=7, width=320, height=240, fps=20).render_at(
+        latest.message["sim_t"]
+    )
+    diff = np.abs(image.astype(np.int16) - latest.frame.image.astype(np.int16))
+    assert float(diff.mean()) < 0.5, "the truth at sim_t is the truth of this very frame"

@@ -299,3 +299,26 @@ def test_a_loop_without_cameras_is_refused(onnx_model) -> None:
     model = onnx_model()
     with pytest.raises(ValueError, match="no cameras"):
         InferenceLoop("tiny", model, model.info.classes, [], Hub())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("window_s", "min_ratio", "max_ratio"), [(0.0, 1.0, 1.3), (0.3, 1.8, 2.0)])
+def test_the_batch_window_waits_for_the_other_cameras(
+    onnx_model, cameras, window_s: float, min_ratio: float, max_ratio: float
+) -> None:
+    model = onnx_model()
+    cam_a = cameras("cam-a", seed=1, fps=5.0)
+    time.sleep(0.1)  # out of phase with cam-a
+    cam_b = cameras("cam-b", seed=2, fps=5.0)
+    _wait_frames(cam_a, cam_b)
+    loop = InferenceLoop(
+        "tiny", model, model.info.classes,
+        [CameraFeed("cam-a", cam_a), CameraFeed("cam-b", cam_b)], Hub(), max_batch=8,
+        batch_window_s=window_s,
+    )
+    loop.start()
+    time.sleep(2.0)
+    loop.stop()
+    frames = loop.processed("cam-a") + loop.processed("cam-b")
+    assert frames >= 12
+    assert min_ratio <= frames / loop.batches <= max_ratio, (frames, loop.batches)

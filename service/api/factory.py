@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -35,6 +36,7 @@ class ApiSettings:
 
     auth: TokenAuth = field(default_factory=TokenAuth)
     ws_queue: int = 32  # frame messages buffered per websocket client
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
     jpeg_quality: int = 85
     title: str = "LineWatch"
     version: str = "0.1.0"
@@ -93,6 +95,13 @@ def create_app(
         version=settings.version,
         description="Live part coordinates from camera streams: REST, websocket, metrics.",
     )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET"],
+            allow_headers=["Authorization"],
+        )
 
     def camera_or_404(camera_id: str) -> CameraSnapshot:
         camera = view.camera(camera_id)

@@ -96,7 +96,7 @@ def test_latest_is_the_newest_frame_message(client) -> None:
     msg = c.get("/api/v1/cameras/cam-2/latest").json()
     assert msg["v"] == 1 and msg["type"] == "frame" and msg["camera"] == "cam-2"
     assert msg["model"] == "tiny" and msg["line"] == "line-1"
-    assert "sim_t" not in msg or isinstance(msg["sim_t"], float)
+    assert isinstance(msg["sim_t"], float) and msg["sim_t"] >= 0  # a sim camera
     (inst,) = msg["instances"]
     assert inst["class"] == "bracket" and len(inst["keypoints"]) == 5
     wait_for(lambda: c.get("/api/v1/cameras/cam-2/latest").json()["seq"] > msg["seq"], 5, "newer")
@@ -208,3 +208,11 @@ def test_hub_of_the_app_is_the_runtime_hub(client_factory) -> None:
     wait_for_frames(runtime)
     with client.websocket_connect("/api/v1/ws/frames") as ws:
         assert ws.receive_json()["camera"] in {"cam-1", "cam-2"}
+
+
+def test_cors_origins_from_the_config(client_factory) -> None:
+    client, _ = client_factory(start=False, api={"cors_origins": ["http://dash.local"]})
+    allowed = client.get("/healthz", headers={"Origin": "http://dash.local"})
+    assert allowed.headers["access-control-allow-origin"] == "http://dash.local"
+    other = client.get("/healthz", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
