@@ -33,8 +33,6 @@ from service.errors import DataError
 INPUT_HW: tuple[int, int] = (240, 320)
 SIM_FRAME_HW: tuple[int, int] = (480, 640)
 CACHE_VERSION = 1  # bump when what the sim cache stores changes
-# An instance with less of its area in view than this is neither taught nor penalised.
-MIN_IN_VIEW = 0.35
 
 UInt8Array = npt.NDArray[np.uint8]
 F32Array = npt.NDArray[np.float32]
@@ -50,12 +48,14 @@ class Sample:
     keypoints: F32Array  # (M, K, 2)
     visible: npt.NDArray[np.bool_]  # (M, K) seen in the image
     labeled: npt.NDArray[np.bool_]  # (M, K) coordinate known (may lie outside the image)
-    ignore: npt.NDArray[np.bool_]  # (M,) neither a positive nor a negative
+    ignore: npt.NDArray[np.bool_]  # (M,) neither a positive nor a negative (crowd, unlabeled)
+    in_view: F32Array  # (M,) fraction of the instance inside the image (1 where unknown)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         m = len(self.class_ids)
-        if self.boxes.shape != (m, 4) or self.keypoints.shape[:1] != (m,):
+        shapes_ok = self.boxes.shape == (m, 4) and self.in_view.shape == (m,)
+        if not shapes_ok or self.keypoints.shape[:1] != (m,):
             raise ValueError(f"inconsistent sample: {m} classes, boxes {self.boxes.shape}, "
                              f"keypoints {self.keypoints.shape}")
 
@@ -156,9 +156,10 @@ def _render_spec(spec: SimSpec, seed: int, hw: tuple[int, int]) -> list[Sample]:
                 ),
                 visible=visible,
                 labeled=np.ones_like(visible),
-                ignore=in_view < MIN_IN_VIEW,
+                ignore=np.zeros(len(inst), bool),
+                in_view=in_view,
                 meta={"scenario": spec.scenario, "seed": seed, "index": index,
-                      "in_view": in_view, "scale": scale, "pad": pad},
+                      "scale": scale, "pad": pad},
             )
         )
     return out
@@ -219,7 +220,7 @@ class SimKeypointDataset:
                 cols["boxes"].append(sample.boxes)
                 cols["keypoints"].append(sample.keypoints)
                 cols["visible"].append(sample.visible)
-                cols["in_view"].append(sample.meta["in_view"])
+                cols["in_view"].append(sample.in_view)
                 cols["frame_seed"].append(np.array([seed]))
                 cols["frame_index"].append(np.array([sample.meta["index"]]))
                 cols["frame_scenario"].append(np.array([spec.scenario]))
@@ -264,10 +265,10 @@ class SimKeypointDataset:
             keypoints=arr["keypoints"][a:b].copy(),
             visible=visible,
             labeled=np.ones_like(visible),
-            ignore=in_view < MIN_IN_VIEW,
+            ignore=np.zeros(len(in_view), bool),
+            in_view=in_view.copy(),
             meta={"scenario": str(arr["frame_scenario"][i]), "seed": int(arr["frame_seed"][i]),
-                  "index": int(arr["frame_index"][i]), "in_view": in_view.copy(),
-                  "scale": self._scale, "pad": self._pad},
+                  "index": int(arr["frame_index"][i]), "scale": self._scale, "pad": self._pad},
         )
 
     def __iter__(self) -> Iterator[Sample]:
@@ -461,6 +462,7 @@ class CocoKeypointDataset:
             labeled=vis > 0,
             # crowd regions and instances without a labeled keypoint teach nothing
             ignore=crowd | (vis.max(axis=1, initial=0) == 0),
+            in_view=np.ones(m, np.float32),
             meta={"image_id": image_id, "scale": scale, "pad": pad},
         )
 

@@ -15,7 +15,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.data import MIN_IN_VIEW, Sample
+from models.data import Sample
+
+# Instances at least this much in view are taught as positives; those under
+# NEG_IN_VIEW are background (the model learns not to report mostly-hidden parts,
+# whose few keypoints it cannot place well); in between, neither.
+POS_IN_VIEW = 0.6
+NEG_IN_VIEW = 0.45
 
 F32 = npt.NDArray[np.float32]
 
@@ -70,7 +76,8 @@ def draw_gaussian(heat: F32, cx: int, cy: int, sigma: float, value: float = 1.0)
 def encode(sample: Sample, spec: TargetSpec) -> dict[str, npt.NDArray[np.generic]]:
     """Dense heatmaps and sparse regression targets of one sample.
 
-    Dense: ``hm`` [C, H, W], ``hm_weight`` [C, H, W] (0 around ignored instances),
+    Dense: ``hm`` [C, H, W], ``hm_weight`` [C, H, W] (0 around ignored instances and
+    those between NEG_IN_VIEW and POS_IN_VIEW in view),
     ``khm`` [C*K, H, W].  Sparse, for up to ``max_instances`` instances (``mask``):
     ``ind`` centre cell, ``wh``, ``off``, ``kreg`` [M, K, 2] (+ ``kreg_mask``), and
     for each visible keypoint its 3x3 neighbourhood ``koff_index`` [M, K, 9] (into
@@ -109,7 +116,10 @@ def encode(sample: Sample, spec: TargetSpec) -> dict[str, npt.NDArray[np.generic
         cy = min(max(int(math.floor(gy + 0.5)), 0), gh - 1)
         radius = max(0.0, gaussian_radius(bh, bw))
         sigma = max(spec.min_centre_sigma, (2 * radius + 1) / 6)
-        if sample.ignore[j]:
+        in_view = float(sample.in_view[j])
+        if in_view < NEG_IN_VIEW and not sample.ignore[j]:
+            continue
+        if sample.ignore[j] or in_view < POS_IN_VIEW:
             r = max(1, int(math.ceil(2 * sigma)))
             hm_weight[cls, max(0, cy - r) : cy + r + 1, max(0, cx - r) : cx + r + 1] = 0.0
             continue
@@ -176,7 +186,7 @@ def augment(sample: Sample, rng: np.random.Generator, spec: AugmentSpec) -> Samp
     image = sample.image
     h, w = image.shape[:2]
     boxes, kpts, visible = sample.boxes, sample.keypoints, sample.visible
-    ignore = sample.ignore.copy()
+    in_view = sample.in_view
     if rng.random() < spec.prob_geometric:
         s = float(rng.uniform(*spec.scale))
         angle = float(rng.uniform(-spec.rotate_deg, spec.rotate_deg)) if spec.rotate_deg else 0.0
@@ -197,7 +207,7 @@ def augment(sample: Sample, rng: np.random.Generator, spec: AugmentSpec) -> Samp
         clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(-0.5, h - 0.5)
         area1 = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), axis=1)
         frac = area1 / np.maximum(area0, 1e-6)
-        ignore = ignore | (frac < MIN_IN_VIEW)
+        in_view = (in_view * np.clip(frac, 0.0, 1.0)).astype(np.float32)
         boxes = clipped
         inside = (
             (kpts[..., 0] >= -0.5) & (kpts[..., 0] <= w - 0.5)
@@ -228,6 +238,7 @@ def augment(sample: Sample, rng: np.random.Generator, spec: AugmentSpec) -> Samp
         keypoints=kpts,
         visible=visible,
         labeled=sample.labeled,
-        ignore=ignore,
+        ignore=sample.ignore,
+        in_view=in_view,
         meta=sample.meta,
     )

@@ -16,6 +16,7 @@ def make_sample(
     classes: list[int] | None = None,
     visible: list[list[bool]] | None = None,
     ignore: list[bool] | None = None,
+    in_view: list[float] | None = None,
 ) -> Sample:
     """A grey 240x320 image with a bright 2x2 dot at every keypoint."""
     k = np.array(kpts, np.float32).reshape(-1, 5, 2)
@@ -36,6 +37,7 @@ def make_sample(
         visible=vis,
         labeled=np.ones_like(vis),
         ignore=np.array(ignore if ignore is not None else [False] * m, bool),
+        in_view=np.array(in_view if in_view is not None else [1.0] * m, np.float32),
     )
 
 
@@ -75,6 +77,19 @@ def test_ignored_instances_mask_the_heatmap_loss_instead_of_being_negatives() ->
     assert np.abs(zero.mean(0)[::-1] - centre).max() < 2.0
 
 
+def test_mostly_hidden_instances_are_background_and_half_hidden_ones_are_ignored() -> None:
+    parts = [PART, [(x + 150, y) for x, y in PART], [(x, y + 100) for x, y in PART]]
+    sample = make_sample(parts, classes=[0, 0, 0], in_view=[0.9, 0.5, 0.3])
+    t = encode(sample, SPEC)
+    assert t["mask"].sum() == 1  # only the first is taught
+    zero = np.argwhere(t["hm_weight"][0] == 0)
+    centre = px_to_grid(np.array(parts[1]).mean(0), 4)
+    assert len(zero) and np.abs(zero.mean(0)[::-1] - centre).max() < 2.0
+    hidden = np.floor(px_to_grid(np.array(parts[2]).mean(0), 4) + 0.5).astype(int)
+    assert t["hm_weight"][0, hidden[1], hidden[0]] == 1.0  # a negative: scores must fall
+    assert t["hm"][0, hidden[1], hidden[0]] == 0.0
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_augment_moves_the_keypoints_with_the_image(seed: int) -> None:
     sample = make_sample([PART])
@@ -105,3 +120,4 @@ def test_augment_hides_keypoints_pushed_out_of_the_image() -> None:
     assert outside.any()
     assert not out.visible[0][outside].any()
     assert out.boxes[0, 2] <= 319.5
+    assert 0.0 < out.in_view[0] < 1.0  # less of it is in view after the shift
