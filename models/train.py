@@ -3,7 +3,9 @@
     python -m models.train --recipe default --out runs/default [--resume] [--epochs N]
                            [--max-steps N] [--threads 2] [--cache-dir DIR]
 
-Writes ``OUT/last.pt`` every epoch, ``OUT/best.pt`` when the validation fitness
+``--max-steps N`` stops early (smoke tests) without changing the learning-rate
+schedule; a later ``--resume`` goes on from the next epoch.  Writes ``OUT/last.pt``
+every epoch, ``OUT/best.pt`` when the validation fitness
 improves, and ``OUT/log.jsonl`` (one JSON line per epoch: losses, validation
 metrics, epoch and total wall time).  ``--resume`` continues from ``OUT/last.pt``
 with the same data order and learning-rate schedule it would have had.
@@ -387,7 +389,7 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, epochs: int | None
         gen = torch.Generator().manual_seed(recipe.seed * 100003 + epoch)
         loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
                             generator=gen, num_workers=recipe.workers,
-                            persistent_workers=False)
+                            worker_init_fn=_quiet_worker, persistent_workers=False)
         net.train()
         sums: dict[str, float] = {}
         n_batches = 0
@@ -450,6 +452,14 @@ def train(recipe: Recipe, out: Path, *, resume: bool = False, epochs: int | None
     print(f"done: {step} steps, wall time {wall_before + time.monotonic() - t_start:.0f} s, "
           f"best fitness {best:.4f} -> {best_path}", file=sys.stderr)
     return record
+
+
+def _quiet_worker(_worker_id: int) -> None:
+    """Data workers augment with numpy/OpenCV: one thread each, the cores are for torch."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def _metrics_line(m: dict[str, Any]) -> str:
