@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from service.api.schemas import (
     CameraSnapshot,
@@ -32,6 +32,9 @@ from service.domain import ClassInfo, Frame
 from service.inference import InferenceConfig, OrtModel
 from service.pipeline import CameraFeed, InferenceLoop, LatestFrames, Message, iso_utc
 from service.sources import Backoff, Camera, SourceOptions, mask_credentials
+
+if TYPE_CHECKING:
+    from service.api.factory import ApiSettings
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +306,7 @@ class RuntimeStatus:
 # --- linewatch serve ------------------------------------------------------------------
 
 
-def api_settings(config: Config) -> Any:
+def api_settings(config: Config) -> ApiSettings:
     """The API's own settings (auth tokens, websocket queue size) from the config."""
     from service.api.auth import TokenAuth
     from service.api.factory import ApiSettings
