@@ -122,11 +122,11 @@ def test_a_slow_client_loses_its_own_oldest_frames_and_stalls_nobody(
         sock.connect(("127.0.0.1", server.port))
         slow_ws = await connect(
             f"ws://{server.base}{WS}?cameras=cam-1", sock=sock, proxy=None, compression=None,
-            max_queue=1,
+            max_queue=1, close_timeout=1,
         )
         async with connect(f"ws://{server.base}{WS}?cameras=cam-1", proxy=None) as fast:
             fast_msgs: list[dict[str, Any]] = []
-            t_end = time.monotonic() + 6.0  # the slow client reads nothing meanwhile
+            t_end = time.monotonic() + 4.0  # the slow client reads nothing meanwhile
             while time.monotonic() < t_end:
                 fast_msgs.append(json.loads(await asyncio.wait_for(fast.recv(), 5)))
         slow_msgs = []
@@ -140,8 +140,8 @@ def test_a_slow_client_loses_its_own_oldest_frames_and_stalls_nobody(
         return fast_msgs, slow_msgs
 
     fast_msgs, slow_msgs = asyncio.run(main())
-    # the fast client kept getting every frame at the camera's pace (20 fps for 6 s)
-    assert len(fast_msgs) >= 80, len(fast_msgs)
+    # the fast client kept getting every frame at the camera's pace (20 fps for 4 s)
+    assert len(fast_msgs) >= 50, len(fast_msgs)
     assert not any(m.get("dropped") for m in fast_msgs)
     seqs = [m["seq"] for m in fast_msgs]
     assert max(b - a for a, b in zip(seqs, seqs[1:], strict=False)) <= 3
