@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,8 +100,8 @@ def test_message_without_instances_or_sim_time(make_frame) -> None:
 
 def test_unknown_class_ids_and_unnamed_keypoints_get_fallback_names(make_frame) -> None:
     dets = Detections(
-        boxes=np.zeros((1, 4)), scores=np.ones(1), class_ids=np.array([5]),
-        keypoints=np.ones((1, 2, 3)),
+        boxes=np.zeros((1, 4), np.float32), scores=np.ones(1, np.float32),
+        class_ids=np.array([5], np.int32), keypoints=np.ones((1, 2, 3), np.float32),
     )
     msg = build_frame_message(
         make_frame(), dets, ClassTable.from_classes(()), model="m", line=None,
@@ -133,7 +134,7 @@ ROW = make_row((10.0, 20.0, 110.0, 120.0), 0.9, 0, np.full((5, 2), 50.0))
 
 @pytest.fixture
 def onnx_model(tmp_path: Path) -> Callable[..., OrtModel]:
-    def make(**options: object) -> OrtModel:
+    def make(**options: Any) -> OrtModel:
         path = build_model(tmp_path / "tiny.onnx", ROW[None], echo=True, **options)
         return OrtModel(path, InferenceConfig(intra_op_threads=1, warmup_runs=1), name="tiny")
 

@@ -111,9 +111,11 @@ def test_snapshot_is_a_jpeg_with_annotations_drawn(client) -> None:
     assert drawn.headers["content-type"] == "image/jpeg"
     a = cv2.imdecode(np.frombuffer(plain.content, np.uint8), cv2.IMREAD_COLOR)
     b = cv2.imdecode(np.frombuffer(drawn.content, np.uint8), cv2.IMREAD_COLOR)
-    assert a.shape == b.shape == (240, 320, 3)
+    assert a is not None and b is not None and a.shape == b.shape == (240, 320, 3)
     diff = np.abs(a.astype(int) - b.astype(int)).sum(axis=2) > 60
-    box = runtime.latest.get("cam-1").message["instances"][0]["box"]  # type: ignore[union-attr]
+    latest = runtime.latest.get("cam-1")
+    assert latest is not None
+    box = latest.message["instances"][0]["box"]
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     assert diff[y1 - 2 : y2 + 3, x1 - 2 : x2 + 3].sum() > 50, "annotations are drawn on the box"
     assert diff[y2 + 20 :, :].sum() < 50, "nothing drawn far from the instance"
