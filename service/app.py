@@ -12,6 +12,7 @@ snapshots, see ``service.api.views.RuntimeView``).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -319,10 +320,31 @@ def api_settings(config: Config) -> ApiSettings:
     )
 
 
-def setup_logging(level: str) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line (``logging.json: true``), for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": iso_utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, as_json: bool = False) -> None:
+    """Log to stderr at ``level``, as text or JSON lines (only if nothing set logging up)."""
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            JsonLogFormatter() if as_json
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        root.addHandler(handler)
     root.setLevel(level)
 
 
@@ -335,7 +357,7 @@ def serve(config_path: Path | None, host: str | None = None, port: int | None = 
     from service.config import load_config
 
     config = load_config(config_path)
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, config.logging.json_)
     host = host or config.api.host
     sock = bind_socket(host, config.api.port if port is None else port)
     runtime: Runtime | None = None

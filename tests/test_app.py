@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from service.app import Runtime, api_settings, masked_config
+from service.app import JsonLogFormatter, Runtime, api_settings, masked_config
 from service.bus import Hub, HubClosed
 from service.config import ConfigError, load_config
 from service.errors import ModelError, SourceError
+from service.sim import Scene
 from tests.api.conftest import RuntimeFactory, runtime_config, wait_for, wait_for_frames
 from tests.inference.onnx_factory import build_model
 
@@ -102,10 +107,6 @@ def test_config_and_api_settings_mask_secrets(tmp_path: Path) -> None:
 
 
 def test_sim_t_names_the_frame_the_camera_rendered(runtime_factory) -> None:
-    import numpy as np
-
-    from service.sim import Scene
-
     runtime, _ = runtime_factory({"cam-1": SIM.format(7)})
     wait_for_frames(runtime)
     runtime.stop()
@@ -116,3 +117,15 @@ def test_sim_t_names_the_frame_the_camera_rendered(runtime_factory) -> None:
     )
     diff = np.abs(image.astype(np.int16) - latest.frame.image.astype(np.int16))
     assert float(diff.mean()) < 0.5, "the truth at sim_t is the truth of this very frame"
+
+
+def test_json_log_lines() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("service.x", logging.ERROR, __file__, 1, "camera %s down",
+                                   ("cam-1",), sys.exc_info())
+    entry = json.loads(JsonLogFormatter().format(record))
+    assert entry["level"] == "ERROR" and entry["logger"] == "service.x"
+    assert entry["message"] == "camera cam-1 down" and entry["time"].endswith("Z")
+    assert "ValueError: boom" in entry["exception"]
