@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -199,8 +200,9 @@ class Runtime:
             if self._stopped:
                 return
             self._stopped = True
-        for camera in self.cameras.values():
-            camera.stop(timeout)
+        if self.cameras:  # in parallel: a camera blocked in a read delays only itself
+            with ThreadPoolExecutor(len(self.cameras), thread_name_prefix="stop") as pool:
+                list(pool.map(lambda camera: camera.stop(timeout), self.cameras.values()))
         for loop in self.loops:
             loop.stop(timeout)
         self.hub.close()

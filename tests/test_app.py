@@ -30,8 +30,9 @@ def runtime_factory(tmp_path: Path) -> Iterator[RuntimeFactory]:
 
 
 def test_start_status_and_graceful_stop(runtime_factory) -> None:
-    runtime, hub = runtime_factory()
+    runtime, hub = runtime_factory(start=False)
     sub = hub.subscribe(types={"frame"}, maxsize=10_000)
+    runtime.start()
     wait_for_frames(runtime)
     wait_for(lambda: runtime.status.readiness().ready, 10, "ready")
     cams = {c.id: c for c in runtime.status.cameras()}
