@@ -12,6 +12,7 @@ snapshots, see ``service.api.views.RuntimeView``).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
@@ -379,12 +380,24 @@ def serve(config_path: Path | None, host: str | None = None, port: int | None = 
             base, base, base, base.replace("http://", "ws://", 1),
             ", ".join(f"{m.config.id} on {m.model.provider}" for m in runtime.models.values()),
         )
+        if not config.api.auth.enabled and not _is_loopback(host):
+            log.warning(
+                "listening on %s with auth off: anyone who can reach this port can read the "
+                "cameras; set api.auth.enabled and a token (docs/api.md#auth)", host,
+            )
         run_server(app, sock, drain=runtime.stop, clients=clients,
                    log_level=config.logging.level.lower())
     finally:
         if runtime is not None:
             runtime.stop()
         sock.close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _url_host(host: str) -> str:
