@@ -7,7 +7,6 @@ is printed as one paragraph and exits with status 2, without a traceback.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -19,7 +18,9 @@ from service.errors import LineWatchError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="LineWatch: keypoint models on camera streams.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="LineWatch: keypoint models on camera streams."
+)
 sim_app = typer.Typer(no_args_is_help=True, help="The synthetic assembly line.")
 model_app = typer.Typer(no_args_is_help=True, help="Inspect and evaluate models.")
 config_app = typer.Typer(no_args_is_help=True, help="Check and print configuration.")
@@ -52,7 +53,9 @@ def sim_render(
     fps: float = typer.Option(30.0, min=0.1, help="Frames per second."),
     width: int = typer.Option(640, min=64),
     height: int = typer.Option(480, min=48),
-    belt_speed: float | None = typer.Option(None, help="Belt speed in mm/s (default per scenario)."),
+    belt_speed: float | None = typer.Option(
+        None, help="Belt speed in mm/s (default per scenario)."
+    ),
     out: Path = typer.Option(Path("sim.mp4"), help="Video file (.mp4 = H.264, .avi = MJPG)."),
     truth: Path | None = typer.Option(None, help="JSON-lines ground truth, one line per frame."),
 ) -> None:
@@ -61,12 +64,18 @@ def sim_render(
     from service.sim.scene import SCENARIOS, Scene
 
     if scenario not in SCENARIOS:
-        raise LineWatchError(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
-    scene = Scene(scenario, seed=seed, width=width, height=height, fps=fps, belt_speed_mm_s=belt_speed)
+        raise LineWatchError(
+            f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}"
+        )
+    scene = Scene(
+        scenario, seed=seed, width=width, height=height, fps=fps, belt_speed_mm_s=belt_speed
+    )
     res = render_clip(scene, frames, out, truth)
-    typer.echo(f"wrote {res.frames} frames ({res.codec}) to {res.video}"
-               + (f", truth to {res.truth}" if res.truth else ""), err=True)
-
+    typer.echo(
+        f"wrote {res.frames} frames ({res.codec}) to {res.video}"
+        + (f", truth to {res.truth}" if res.truth else ""),
+        err=True,
+    )
 
 
 # --- model -----------------------------------------------------------------
@@ -93,21 +102,28 @@ def model_inspect(
 @model_app.command("eval")
 @friendly_errors
 def model_eval(
-    model: Annotated[Path | None, typer.Option(
-        help="ONNX model (default: the shipped models/zoo/linewatch-parts-s.onnx).")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="ONNX model (default: the shipped models/zoo/linewatch-parts-s.onnx)."),
+    ] = None,
     scenario: Annotated[str, typer.Option(help="Sim scenario: conveyor | calm | train.")] = (
         "conveyor"
     ),
-    seed: Annotated[int, typer.Option(
-        help="Sim seed; default 9000 is outside the training (1000-1349) and val (2000+) seeds."
-    )] = 9000,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Sim seed; default 9000 is outside the training (1000-1349) and val (2000+) seeds."
+        ),
+    ] = 9000,
     frames: Annotated[int, typer.Option(min=1, help="Frames to evaluate.")] = 100,
     every: Annotated[int, typer.Option(min=1, help="Take every Nth sim frame (30 fps).")] = 5,
     start: Annotated[int, typer.Option(min=0, help="First sim frame index.")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="ORT intra-op threads (0 = all).")] = 1,
     providers: Annotated[str, typer.Option(help="auto, or a list: tensorrt,cuda,cpu.")] = "auto",
-    score_threshold: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="Minimum score (default: model metadata, else 0.5).")] = None,
+    score_threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Minimum score (default: model metadata, else 0.5)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Score a model on held-out sim frames: recall, precision, keypoint error, latency."""
@@ -117,8 +133,14 @@ def model_eval(
     from service.inference import default_model_path
 
     report = evaluate_model(
-        model or default_model_path(), scenario, seed, frames, every=every, start=start,
-        threads=threads, score_threshold=score_threshold,
+        model or default_model_path(),
+        scenario,
+        seed,
+        frames,
+        every=every,
+        start=start,
+        threads=threads,
+        score_threshold=score_threshold,
         providers="auto" if providers == "auto" else [p.strip() for p in providers.split(",")],
     )
     typer.echo(json.dumps(report, indent=2) if as_json else render_report(report))
@@ -155,10 +177,18 @@ def config_check(
     cameras = len(report.config.cameras) if report.config else 0
     models = len(report.config.models) if report.config else 0
     if as_json:
-        typer.echo(json.dumps({
-            "ok": report.ok, "file": str(file), "cameras": cameras, "models": models,
-            "errors": [issue.as_dict() for issue in report.issues],
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "file": str(file),
+                    "cameras": cameras,
+                    "models": models,
+                    "errors": [issue.as_dict() for issue in report.issues],
+                },
+                indent=2,
+            )
+        )
     elif report.ok:
         typer.echo(f"ok: {cameras} cameras, {models} models")
     else:
@@ -235,20 +265,28 @@ def bench(
 @app.command()
 @friendly_errors
 def calibrate(
-    points: Annotated[Path | None, typer.Option(
-        help="CSV of point pairs: u_px, v_px, x_mm, y_mm per line (>= 4).")] = None,
-    checkerboard: Annotated[Path | None, typer.Option(
-        help="Image of a checkerboard lying on the work plane.")] = None,
-    charuco: Annotated[Path | None, typer.Option(
-        help="Image of a ChArUco board lying on the work plane.")] = None,
-    pattern: Annotated[str, typer.Option(
-        help="Checkerboard inner corners COLSxROWS; ChArUco squares COLSxROWS.")] = "9x6",
+    points: Annotated[
+        Path | None,
+        typer.Option(help="CSV of point pairs: u_px, v_px, x_mm, y_mm per line (>= 4)."),
+    ] = None,
+    checkerboard: Annotated[
+        Path | None, typer.Option(help="Image of a checkerboard lying on the work plane.")
+    ] = None,
+    charuco: Annotated[
+        Path | None, typer.Option(help="Image of a ChArUco board lying on the work plane.")
+    ] = None,
+    pattern: Annotated[
+        str, typer.Option(help="Checkerboard inner corners COLSxROWS; ChArUco squares COLSxROWS.")
+    ] = "9x6",
     square_mm: Annotated[float, typer.Option(help="Board square size in mm.")] = 25.0,
-    marker_mm: Annotated[float | None, typer.Option(
-        help="ChArUco marker size in mm (default 0.75 x square).")] = None,
+    marker_mm: Annotated[
+        float | None, typer.Option(help="ChArUco marker size in mm (default 0.75 x square).")
+    ] = None,
     dictionary: Annotated[str, typer.Option(help="ChArUco ArUco dictionary.")] = "DICT_5X5_100",
-    intrinsics: Annotated[Path | None, typer.Option(
-        help="YAML/JSON with camera_matrix and dist_coeffs (undistort first).")] = None,
+    intrinsics: Annotated[
+        Path | None,
+        typer.Option(help="YAML/JSON with camera_matrix and dist_coeffs (undistort first)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compute a camera's homography (px -> work-plane mm) and its reprojection error."""
@@ -291,4 +329,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
