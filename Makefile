@@ -37,9 +37,14 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
 # Reproduce the shipped default model from scratch (CPU, see models/zoo/*.md).
+MODEL := models/zoo/linewatch-parts-s.onnx
+EVAL_CMD := $(VENV)/bin/linewatch model eval --model $(MODEL) --scenario conveyor --seed 9000 --frames 200 --every 5 --threads 1 --json
 model: $(VENV)/.dev
 	$(PY) -m models.train --recipe default --out runs/default
-	$(PY) -m models.export runs/default/best.pt --out models/zoo/linewatch-parts-s.onnx
+	$(PY) -m models.export runs/default/best.pt --out $(MODEL)
+	$(EVAL_CMD) > runs/default/eval.json
+	$(PY) -m models.card $(MODEL) --checkpoint runs/default/best.pt --log runs/default/log.jsonl \
+		--eval runs/default/eval.json --eval-command "$(EVAL_CMD)"
 
 bench: $(VENV)/.runtime
 	$(VENV)/bin/linewatch bench --seconds 20 --json
