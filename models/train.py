@@ -87,7 +87,7 @@ def _default_recipe() -> Recipe:
             # the train scenario shows operators' hands far more often than the conveyor
             SimSpec("train", tuple(range(2100, 2105)), frames=8, step=97, start=3),
         ),
-        epochs=12,
+        epochs=8,  # ~25 min on a quiet 2-core machine, ~50 min on a busy one
     )
 
 
