@@ -324,6 +324,45 @@ def calibrate(
     typer.echo(json.dumps(report) if as_json else render_report(report))
 
 
+# --- worker / api (several machines over MQTT, docs/mqtt.md) -------------------
+
+
+@app.command()
+@friendly_errors
+def worker(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config with bus.url: mqtt://host:1883."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Probe address (default: api.host).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Probe port, 0 = any free (default: api.port).")
+    ] = None,
+) -> None:
+    """Run cameras and models and publish over MQTT (HTTP: /healthz, /readyz, /metrics only)."""
+    from service.remote import run_worker
+
+    run_worker(config, host, port)
+
+
+@app.command()
+@friendly_errors
+def api(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config with bus.url: mqtt://host:1883."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default: api.host).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Listen port, 0 = any free (default: api.port).")
+    ] = None,
+) -> None:
+    """Serve the REST and websocket API from the workers' MQTT messages until SIGTERM."""
+    from service.remote import run_api
+
+    run_api(config, host, port)
+
+
 def main() -> None:
     app()
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -38,6 +39,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -56,8 +58,9 @@ _ID_RE = re.compile(ID_PATTERN)
 SOURCE_SCHEMES = frozenset({"sim", "file", "rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp"})
 """URL schemes a camera source may use (anything without ``://`` is a file or device path)."""
 
-BUS_SCHEMES = frozenset({"memory"})
-"""Bus URL schemes this build supports (``mqtt`` arrives with the MQTT issue)."""
+BUS_SCHEMES = frozenset({"memory", "mqtt", "mqtts"})
+"""Bus URL schemes: ``memory://`` (the in-process hub), ``mqtt(s)://host[:port]`` (docs/mqtt.md)."""
+MQTT_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 ORT_PROVIDERS: dict[str, str] = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -264,8 +267,81 @@ class ApiConfig(_Section):
     auth: AuthConfig = AuthConfig()
 
 
+def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
+    """``mqtt://host[:port]`` / ``mqtts://...`` -> (host, port, tls); ValueError when bad."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in MQTT_DEFAULT_PORTS:
+        raise ValueError(f"{url!r} is not an mqtt:// or mqtts:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "put no credentials in the bus url (it is logged and shown): set "
+            "bus.mqtt.username and bus.mqtt.password, e.g. LINEWATCH_BUS__MQTT__PASSWORD"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"bus url {url!r}: expected {scheme}://host[:port] with no path")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bus url {url!r}: the port is not a number in 1-65535") from None
+    if not parts.hostname:
+        raise ValueError(f"bus url {url!r} names no broker host: use {scheme}://host[:port]")
+    return parts.hostname, port or MQTT_DEFAULT_PORTS[scheme], scheme == "mqtts"
+
+
+def _check_topic_prefix(value: str) -> str:
+    levels = value.split("/")
+    if not value or any(not lvl for lvl in levels) or value.startswith("$"):
+        raise ValueError(
+            f"topic prefix {value!r}: use levels separated by '/', with no empty level, "
+            "no leading or trailing '/' and no leading '$' (e.g. linewatch/v1)"
+        )
+    if any(c in value for c in "+#\x00"):
+        raise ValueError(f"topic prefix {value!r} may not contain the wildcards '+' or '#'")
+    return value
+
+
+class MqttConfig(_Section):
+    """MQTT client settings, used when ``bus.url`` is ``mqtt://`` or ``mqtts://``."""
+
+    topic_prefix: str = Field(default="linewatch/v1", description="topics start with this")
+    client_id: str | None = Field(
+        default=None, max_length=128,
+        description="None: linewatch-worker-<worker_id> or linewatch-api-<host>-<random>",
+    )
+    worker_id: str | None = Field(
+        default=None, description="names the worker's LWT topic; None: the host name"
+    )
+    username: str | None = None
+    password: SecretStr | None = Field(default=None, description="set it from the environment")
+    ca_file: Path | None = Field(default=None, description="mqtts: CA bundle; None: system CAs")
+    qos: Literal[1, 2] = Field(default=1, description="QoS of state, event and status messages")
+    keepalive_s: int = Field(default=15, ge=5, le=3600)
+    reconnect_max_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    outgoing_frames: int = Field(
+        default=32, ge=1, le=100_000, description="frame messages queued for the broker"
+    )
+    outgoing_limit: int = Field(
+        default=10_000, ge=10, le=10_000_000,
+        description="state/event messages queued while the broker is unreachable",
+    )
+    status_interval_s: float = Field(
+        default=2.0, gt=0, le=3600, description="how often a worker republishes camera status"
+    )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return _check_topic_prefix(value)
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker(cls, value: str | None) -> str | None:
+        return None if value is None else _check_id(value)
+
+
 class BusConfig(_Section):
-    url: str = "memory://"
+    url: str = Field(default="memory://", description="memory:// | mqtt://host[:1883] | mqtts://")
     frame_queue: int = Field(
         default=64, ge=1, le=100_000, description="frame messages kept per subscriber"
     )
@@ -275,6 +351,7 @@ class BusConfig(_Section):
         le=1_000_000,
         description="undelivered state/event messages before a subscriber is cut off",
     )
+    mqtt: MqttConfig = MqttConfig()
 
     @field_validator("url")
     @classmethod
@@ -285,6 +362,8 @@ class BusConfig(_Section):
                 f"unsupported bus scheme {scheme!r}: this build supports "
                 f"{', '.join(s + '://' for s in sorted(BUS_SCHEMES))}"
             )
+        if scheme in MQTT_DEFAULT_PORTS:
+            parse_mqtt_url(value)
         return value
 
 

@@ -26,6 +26,10 @@ from service.api.ws import WebsocketClients, stream_frames
 from service.bus import Bus
 
 API_PREFIX = "/api/v1"
+NO_IMAGES = (
+    "no images over MQTT: camera {camera!r} is served from the broker, which carries its frame "
+    "messages (coordinates, see /latest) but not its images; see docs/mqtt.md"
+)
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
 _AUTH: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 
@@ -176,6 +180,8 @@ def create_app(
             raise HTTPException(
                 503, f"camera {camera_id!r} has no processed frame yet", {"Retry-After": "1"}
             )
+        if snap.image is None:
+            raise HTTPException(404, NO_IMAGES.format(camera=camera_id))
         image = (
             draw_annotations(snap.image, snap.message, view.classes(camera_id))
             if annotated

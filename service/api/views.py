@@ -16,9 +16,12 @@ from service.domain import ClassInfo, ImageArray
 
 @dataclass(frozen=True, slots=True)
 class LatestSnapshot:
-    """The newest processed frame of a camera: its image (not copied) and message."""
+    """The newest processed frame of a camera: its image (not copied) and message.
 
-    image: ImageArray
+    ``image`` is None where the API has no images (``linewatch api`` over MQTT).
+    """
+
+    image: ImageArray | None
     message: dict[str, Any]
 
 

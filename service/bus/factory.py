@@ -43,10 +43,15 @@ def create_bus(
     scheme, sep, _rest = url.partition("://")
     if not sep:
         raise ConfigError(f"bus url {url!r} is not a URL: use memory://")
+    if scheme.lower() in ("mqtt", "mqtts"):
+        raise ConfigError(
+            f"bus url {url!r}: this command runs everything in one process on the in-process "
+            "hub (bus.url: memory://). Over MQTT, run `linewatch worker` on the camera/GPU "
+            "machines and `linewatch api` where the API is served (docs/mqtt.md)."
+        )
     if scheme.lower() not in BUS_SCHEMES or scheme.lower() != "memory":
         raise ConfigError(
-            f"bus url {url!r}: unsupported scheme {scheme!r}. This build supports "
-            f"{', '.join(s + '://' for s in sorted(BUS_SCHEMES))} (the in-process hub); "
-            "MQTT (mqtt://host:1883) arrives in a later release."
+            f"bus url {url!r}: unsupported scheme {scheme!r}. Supported: memory:// (the "
+            "in-process hub) and mqtt(s)://host:port (linewatch worker / linewatch api)."
         )
     return Hub(frame_queue=frame_queue, event_limit=event_limit)

@@ -1,0 +1,212 @@
+"""Several machines over MQTT: two ``linewatch worker`` processes, one ``linewatch api``, a
+real Mosquitto on loopback.  Kill one worker: the API keeps serving and shows its camera
+down (the worker's last will); the other camera keeps streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from websockets.asyncio.client import connect
+
+from tests.api.conftest import _rows
+from tests.bus.test_mqtt import MOSQUITTO, Mosquitto
+from tests.e2e.conftest import SHIPPED_MODEL, free_port, linewatch_command
+from tests.inference.onnx_factory import build_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        MOSQUITTO is None,
+        reason="mosquitto is not installed (Debian: apt-get install mosquitto); this test "
+        "needs a real broker on loopback",
+    ),
+]
+
+LWT_BOUND_S = 5.0  # the broker sends a dead client's will as soon as its socket closes
+
+
+class Proc:
+    """A ``linewatch worker|api`` process on a free port, logging to a file."""
+
+    def __init__(self, command: str, config: dict[str, Any], tmp_path: Path, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [*linewatch_command(), command, "--config", str(path), "--port", str(self.port),
+             "--host", "127.0.0.1"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ),
+        )
+
+    @property
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.base + path, timeout=5)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log}")
+            try:
+                if self.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.log}")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"{self.name} ignored SIGTERM:\n{self.log}") from None
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[[str, dict[str, Any], str], Proc]]:
+    started: list[Proc] = []
+
+    def start(command: str, config: dict[str, Any], name: str) -> Proc:
+        started.append(Proc(command, config, tmp_path, name))
+        return started[-1]
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)
+        if not p._log.closed:
+            p._log.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    if SHIPPED_MODEL.is_file():
+        return SHIPPED_MODEL
+    return build_model(tmp_path / "stand-in.onnx", _rows(2))
+
+
+def worker_config(broker: Mosquitto, model: Path, worker: str, camera: str, line: str,
+                  seed: int) -> dict[str, Any]:
+    return {
+        "cameras": [{"id": camera, "line": line,
+                     "source": f"sim://conveyor?seed={seed}&fps=10&width=320&height=240"}],
+        "models": [{"id": "parts", "path": str(model), "warmup_runs": 1,
+                    "intra_op_threads": 1}],
+        "bus": {"url": broker.url, "mqtt": {"worker_id": worker, "status_interval_s": 1.0}},
+    }
+
+
+async def _frames_until(url: str, done: Callable[[list[dict[str, Any]]], bool],
+                        timeout: float = 30.0) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    async with connect(url, proxy=None) as ws:
+        async with asyncio.timeout(timeout):
+            while not done(got):
+                got.append(json.loads(await ws.recv()))
+    return got
+
+
+def cameras(api: Proc) -> dict[str, dict[str, Any]]:
+    response = api.get("/api/v1/cameras")
+    assert response.status_code == 200, response.text
+    return {c["id"]: c for c in response.json()}
+
+
+def test_two_workers_one_api_and_a_killed_worker(broker: Mosquitto, model_path: Path,
+                                                 procs) -> None:
+    api = procs("api", {"bus": {"url": broker.url, "mqtt": {"status_interval_s": 1.0}}}, "api")
+    w1 = procs("worker", worker_config(broker, model_path, "w1", "cam-a", "line-1", 3), "w1")
+    w2 = procs("worker", worker_config(broker, model_path, "w2", "cam-b", "line-2", 4), "w2")
+    for p in (api, w1, w2):
+        p.wait_ready()
+
+    # a websocket client on the API sees frames from both workers' cameras
+    ws_url = f"ws://127.0.0.1:{api.port}/api/v1/ws/frames"
+    got = asyncio.run(_frames_until(ws_url, lambda g: {m["camera"] for m in g} == {"cam-a",
+                                                                                 "cam-b"}))
+    assert all(m["type"] == "frame" and m["v"] == 1 for m in got)
+    assert {m["line"] for m in got} <= {"line-1", "line-2"}
+    deadline = time.monotonic() + 5  # a state change is published within 0.25 s
+    while {c: s["state"] for c, s in cameras(api).items()} != {"cam-a": "up", "cam-b": "up"}:
+        assert time.monotonic() < deadline, cameras(api)
+        time.sleep(0.05)
+    state = cameras(api)
+    assert state["cam-a"]["model"] == "parts" and state["cam-a"]["line"] == "line-1"
+    (model,) = api.get("/api/v1/models").json()
+    assert model["id"] == "parts" and sorted(model["cameras"]) == ["cam-a", "cam-b"]
+    assert api.get("/api/v1/cameras/cam-b/latest").json()["camera"] == "cam-b"
+    snapshot = api.get("/api/v1/cameras/cam-b/snapshot.jpg")
+    assert snapshot.status_code == 404 and "no images over MQTT" in snapshot.json()["detail"]
+
+    # a worker serves probes and metrics only
+    assert w1.get("/healthz").json() == {"status": "ok"}
+    assert w1.get("/api/v1/cameras").status_code == 404
+    assert 'linewatch_mqtt_connected{role="worker"} 1.0' in w1.get("/metrics").text
+
+    # SIGKILL one worker: its camera is down within a bounded time, from its last will
+    w1.kill()
+    killed = time.monotonic()
+    while cameras(api)["cam-a"]["state"] != "down":
+        assert time.monotonic() - killed < LWT_BOUND_S, f"cam-a still {cameras(api)['cam-a']}"
+        time.sleep(0.05)
+    after = cameras(api)
+    assert "w1" in after["cam-a"]["reason"] and "last will" in after["cam-a"]["reason"]
+    assert after["cam-a"]["fps"] == 0.0
+    assert after["cam-b"]["state"] == "up"
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["cameras_up"] == 1
+
+    # the other camera keeps streaming to a new client, the dead one sends nothing
+    got = asyncio.run(_frames_until(ws_url, lambda g: len(g) >= 10, timeout=20))
+    assert {m["camera"] for m in got} == {"cam-b"}
+    seqs = [m["seq"] for m in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+    # a graceful stop: exit 0, cameras "stopped" (not the will); the API still serves
+    assert w2.terminate() == 0
+    deadline = time.monotonic() + 10
+    while cameras(api)["cam-b"]["state"] != "stopped":
+        assert time.monotonic() < deadline, cameras(api)["cam-b"]
+        time.sleep(0.05)
+    assert cameras(api)["cam-b"]["reason"] == "worker w2 stopped"
+    assert api.get("/healthz").status_code == 200
+    assert api.terminate() == 0
+    assert "Traceback" not in api.log + w2.log
