@@ -400,6 +400,13 @@ def test_worker_and_api_need_an_mqtt_url() -> None:
         MqttSettings.from_config(BusConfig(), role="worker")
 
 
+def test_serve_with_an_mqtt_url_points_to_worker_and_api() -> None:
+    from service.bus import create_bus
+
+    with pytest.raises(ConfigError, match="linewatch worker.*linewatch api"):
+        create_bus("mqtt://broker:1883")
+
+
 def test_a_line_may_not_be_called_workers() -> None:
     config = Config.model_validate(
         {"cameras": [{"id": "cam-1", "source": "sim://conveyor", "line": "workers"}],
