@@ -16,11 +16,13 @@ import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from service.api.schemas import (
     CameraSnapshot,
@@ -32,9 +34,24 @@ from service.api.schemas import (
 from service.api.views import LatestSnapshot
 from service.config import CameraConfig, Config, ModelConfig
 from service.domain import ClassInfo, Frame
+from service.errors import ConfigError
+from service.geometry import Homography, PoseEstimator
 from service.inference import InferenceConfig, OrtModel
-from service.pipeline import CameraFeed, InferenceLoop, LatestFrames, Message, iso_utc
+from service.pipeline import (
+    CameraFeed,
+    CameraStages,
+    EventRecorder,
+    InferenceLoop,
+    LatestFrames,
+    LatestStates,
+    LineTicker,
+    Message,
+    iso_utc,
+)
+from service.rules import RuleEngine
 from service.sources import Backoff, Camera, SourceOptions, mask_credentials
+from service.store import EventStore
+from service.tracking import Tracker
 
 if TYPE_CHECKING:
     from service.api.factory import ApiSettings
@@ -99,6 +116,73 @@ def masked_config(config: Config) -> dict[str, Any]:
     return data
 
 
+def part_templates(
+    classes: Sequence[ClassInfo], metadata: Mapping[str, str] | None = None
+) -> dict[int, np.ndarray]:
+    """Rigid keypoint templates (mm, part coordinates) by class id, for part poses.
+
+    From the model's ``templates_mm`` metadata (a JSON object: class name -> list of
+    [x, y] per keypoint) when it has one; else, for a class whose name and keypoint
+    names are those of a synthetic-line class (the shipped model), the sim's
+    template.  Articulated classes (an arm, a hand) get none.
+    """
+    from service.sim import CLASSES as SIM_CLASSES
+
+    given: dict[str, Any] = {}
+    raw = (metadata or {}).get("templates_mm")
+    if raw:
+        try:
+            given = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model metadata templates_mm is not JSON: {exc}") from exc
+    sim = {c.name: c for c in SIM_CLASSES}
+    out: dict[int, np.ndarray] = {}
+    for cid, info in enumerate(classes):
+        if info.name in given and given[info.name] is not None:
+            out[cid] = np.asarray(given[info.name], np.float64).reshape(-1, 2)
+            continue
+        ref = sim.get(info.name)
+        if (
+            ref is not None
+            and ref.template_mm is not None
+            and tuple(info.keypoint_names[: len(ref.keypoint_names)]) == ref.keypoint_names
+        ):
+            out[cid] = np.asarray(ref.template_mm, np.float64)
+    return out
+
+
+def build_engines(config: Config, classes_of: Callable[[str], Sequence[ClassInfo]]
+                  ) -> dict[str, RuleEngine]:
+    """One rule engine per configured line, with the classes of its cameras' model."""
+    engines: dict[str, RuleEngine] = {}
+    for line in config.lines:
+        cams = config.line_cameras(line.id)
+        tables = {tuple(c.name for c in classes_of(cam)) for cam in cams}
+        if len(tables) > 1:
+            raise ConfigError(
+                f"line {line.id!r}: its cameras ({', '.join(cams)}) run models with different "
+                f"classes ({'; '.join(', '.join(t) for t in sorted(tables))}); a line's rules "
+                "name classes, so give its cameras models with the same classes"
+            )
+        classes = classes_of(cams[0]) if cams else ()
+        engines[line.id] = RuleEngine(line, classes=classes)
+    return engines
+
+
+def camera_stages(
+    cam: CameraConfig, classes: Sequence[ClassInfo], metadata: Mapping[str, str],
+    engine: RuleEngine | None,
+) -> CameraStages:
+    """Tracker, pose estimator (when calibrated) and line engine of one camera."""
+    homography = Homography.from_config(cam.calibration) if cam.calibration else None
+    pose = (
+        PoseEstimator(part_templates(classes, metadata), cam.tracker.keypoint_thresh)
+        if homography is not None
+        else None
+    )
+    return CameraStages(Tracker(cam.tracker), pose, homography, engine)
+
+
 def _sim_time_of(camera: Camera) -> Callable[[Frame], float | None] | None:
     if not isinstance(camera, SimTimed) or not str(camera.spec).startswith("sim://"):
         return None
@@ -128,6 +212,11 @@ class Runtime:
         loops: list[InferenceLoop],
         hub: Hub,
         latest: LatestFrames,
+        *,
+        engines: Mapping[str, RuleEngine] | None = None,
+        store: EventStore | None = None,
+        states: LatestStates | None = None,
+        ticker: LineTicker | None = None,
     ) -> None:
         self.config = config
         self.cameras = dict(cameras)
@@ -135,6 +224,10 @@ class Runtime:
         self.loops = list(loops)
         self.hub = hub
         self.latest = latest
+        self.engines = dict(engines or {})
+        self.store = store
+        self.states = states or LatestStates()
+        self.ticker = ticker
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False
@@ -160,25 +253,49 @@ class Runtime:
                 mod, model, tuple(c.id for c in enabled if c.model == mod.id), max_batch
             )
         latest = LatestFrames()
+
+        def classes_of(cam_id: str) -> Sequence[ClassInfo]:
+            return models[config.model_for(cam_id).id].model.info.classes
+
+        engines = build_engines(config, classes_of)
+        store = (
+            EventStore(config.store.url, config.store.retention_days) if config.lines else None
+        )
+        states = LatestStates()
+        recorder = EventRecorder(store, hub, states) if store is not None else None
         loops = []
         for loaded in models.values():
             if not loaded.cameras:
                 continue
+            info = loaded.model.info
             feeds = [
                 CameraFeed(
                     cam_id, cameras[cam_id], line=config.camera(cam_id).line,
                     sim_time=_sim_time_of(cameras[cam_id]),
+                    stages=camera_stages(
+                        config.camera(cam_id), info.classes, info.metadata,
+                        engines.get(config.camera(cam_id).line),
+                    ),
                 )
                 for cam_id in loaded.cameras
             ]
             loops.append(
                 InferenceLoop(
-                    loaded.config.id, loaded.model, loaded.model.info.classes, feeds, hub,
+                    loaded.config.id, loaded.model, info.classes, feeds, hub,
                     max_batch=loaded.max_batch,
                     batch_window_s=loaded.config.batch_window_ms / 1000.0, latest=latest,
+                    recorder=recorder,
                 )
             )
-        return cls(config, cameras, models, loops, hub, latest)
+        ticker = (
+            LineTicker(list(engines.values()), recorder, pruner=store)
+            if recorder is not None
+            else None
+        )
+        return cls(
+            config, cameras, models, loops, hub, latest,
+            engines=engines, store=store, states=states, ticker=ticker,
+        )
 
     def start(self) -> None:
         with self._lock:
@@ -189,6 +306,8 @@ class Runtime:
             loop.start()
         for camera in self.cameras.values():
             camera.start()
+        if self.ticker is not None:
+            self.ticker.start()
         log.info(
             "runtime started: %d camera(s), %d model(s): %s",
             len(self.cameras), len(self.models),
@@ -206,7 +325,11 @@ class Runtime:
                 list(pool.map(lambda camera: camera.stop(timeout), self.cameras.values()))
         for loop in self.loops:
             loop.stop(timeout)
+        if self.ticker is not None:
+            self.ticker.stop(timeout)
         self.hub.close()
+        if self.store is not None:
+            self.store.close()
         log.info("runtime stopped")
 
     @property
@@ -306,6 +429,26 @@ class RuntimeStatus:
     def effective_config(self) -> dict[str, Any]:
         return masked_config(self._rt.config)
 
+    def lines(self) -> list[dict[str, Any]]:
+        return [self._line(line.id) for line in self._rt.config.lines]
+
+    def line(self, line_id: str) -> dict[str, Any] | None:
+        if not any(line.id == line_id for line in self._rt.config.lines):
+            return None
+        return self._line(line_id)
+
+    def _line(self, line_id: str) -> dict[str, Any]:
+        """The newest ``state`` message of the line (its engine's snapshot before any)."""
+        message = self._rt.states.get(line_id)
+        if message is None:
+            engine = self._rt.engines.get(line_id)
+            snapshot: dict[str, Any] = dict(engine.snapshot()) if engine is not None else {
+                "line": line_id, "state": "UNKNOWN", "since": None, "reasons": ["no frame yet"],
+                "rules": [], "counters": {},
+            }
+            return snapshot
+        return {k: v for k, v in message.items() if k not in ("v", "type")}
+
 
 # --- linewatch serve ------------------------------------------------------------------
 
@@ -371,7 +514,9 @@ def serve(config_path: Path | None, host: str | None = None, port: int | None = 
         )
         runtime = Runtime.build(config, hub)
         clients = WebsocketClients()
-        app = create_app(runtime.status, hub, api_settings(config), clients=clients)
+        app = create_app(
+            runtime.status, hub, api_settings(config), clients=clients, events=runtime.store
+        )
         runtime.start()
         base = f"http://{_url_host(host)}:{bound_port(sock)}"
         log.info(

@@ -47,6 +47,9 @@ from pydantic import (
 )
 
 from service.errors import ConfigError
+from service.geometry.calibration import CalibrationConfig
+from service.rules.config import LineConfig
+from service.tracking.config import TrackerConfig
 
 Loc = tuple[str | int, ...]
 
@@ -189,6 +192,19 @@ class CameraConfig(_Section):
     open_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=5.0, gt=0)
     backoff: BackoffConfig = BackoffConfig()
+    calibration: CalibrationConfig | None = Field(
+        default=None, description="px -> work-plane mm (docs/calibration.md); None: pixels only"
+    )
+    tracker: TrackerConfig = Field(
+        default_factory=TrackerConfig, description="the camera's multi-object tracker"
+    )
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration(cls, value: CalibrationConfig | None) -> CalibrationConfig | None:
+        if value is not None and value.points is None and value.homography is None:
+            raise ValueError("calibration needs 'points' (>= 4 pairs) or a 'homography'")
+        return value
 
     @field_validator("id", "line")
     @classmethod
@@ -393,6 +409,9 @@ class Config(_Section):
     bus: BusConfig = BusConfig()
     store: StoreConfig = StoreConfig()
     logging: LoggingConfig = LoggingConfig()
+    lines: list[LineConfig] = Field(
+        default_factory=list, description="production lines and their rules (docs/rules.md)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -435,6 +454,16 @@ class Config(_Section):
             if mod.id == model_id:
                 return mod
         raise KeyError(model_id)
+
+    def line(self, line_id: str) -> LineConfig:
+        for line in self.lines:
+            if line.id == line_id:
+                return line
+        raise KeyError(line_id)
+
+    def line_cameras(self, line_id: str) -> list[str]:
+        """Enabled cameras whose frames feed ``line_id`` (their ``line`` names it)."""
+        return [c.id for c in self.cameras if c.enabled and c.line == line_id]
 
     def model_for(self, camera: CameraConfig | str) -> ModelConfig:
         """The model that runs on ``camera`` (always set after validation)."""
@@ -495,6 +524,8 @@ def cross_check(data: Any, base_dir: Path | None, *, check_files: bool) -> list[
             known = ", ".join(model_ids) or "none"
             problems.append((("cameras", i, "model"), f"unknown model {ref!r} (models: {known})"))
 
+    problems.extend(_check_lines(data, cameras, unique_ids))
+
     if check_files:
         for i, mod in enumerate(models):
             raw = mod.get("path") if isinstance(mod, Mapping) else None
@@ -503,6 +534,55 @@ def cross_check(data: Any, base_dir: Path | None, *, check_files: bool) -> list[
                 if not path.is_file():
                     what = "is not a file" if path.exists() else "not found"
                     problems.append((("models", i, "path"), f"model file {what}: {path}"))
+    return problems
+
+
+def _check_lines(
+    data: Mapping[str, Any], cameras: list[Any], unique_ids: Any
+) -> list[tuple[Loc, str]]:
+    """Lines: unique ids; every camera a line or rule names exists and feeds that line."""
+    lines = data.get("lines")
+    lines = lines if isinstance(lines, list) else []
+    problems: list[tuple[Loc, str]] = []
+    unique_ids("lines", lines)
+    camera_line: dict[str, str] = {}
+    for cam in cameras:
+        if isinstance(cam, Mapping) and isinstance(cam.get("id"), str):
+            line_ref = cam.get("line", "line-1")
+            camera_line[cam["id"]] = str(line_ref)
+    known = ", ".join(camera_line) or "none"
+
+    def check(loc: Loc, camera: Any, line_id: str) -> None:
+        if not isinstance(camera, str):
+            return
+        if camera not in camera_line:
+            problems.append((loc, f"unknown camera {camera!r} (cameras: {known})"))
+        elif camera_line[camera] != line_id:
+            problems.append(
+                (
+                    loc,
+                    f"camera {camera!r} feeds line {camera_line[camera]!r}, not {line_id!r}: "
+                    f"set its 'line: {line_id}' or move the rule to line "
+                    f"{camera_line[camera]!r}",
+                )
+            )
+
+    for i, line in enumerate(lines):
+        if not isinstance(line, Mapping):
+            continue
+        line_id = str(line.get("id", ""))
+        line_cams = line.get("cameras")
+        for j, camera in enumerate(line_cams if isinstance(line_cams, list) else []):
+            check(("lines", i, "cameras", j), camera, line_id)
+        rules = line.get("rules")
+        for j, rule in enumerate(rules if isinstance(rules, list) else []):
+            if not isinstance(rule, Mapping):
+                continue
+            if "camera" in rule:
+                check(("lines", i, "rules", j, "camera"), rule["camera"], line_id)
+            named = rule.get("cameras")
+            for k, camera in enumerate(named if isinstance(named, list) else []):
+                check(("lines", i, "rules", j, "cameras", k), camera, line_id)
     return problems
 
 

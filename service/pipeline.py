@@ -1,12 +1,16 @@
-"""The inference loop: newest frame of each camera -> one batch -> frame messages.
+"""The inference loop: newest frame of each camera -> one batch -> stages -> messages.
 
 One :class:`InferenceLoop` runs per model, in its own thread.  Each turn it takes
 the newest frame of each of its cameras (a camera keeps only its newest frame and
 counts the ones it replaced: nothing is ever queued here), runs them through the
 model as one batch when the model has a dynamic batch dimension (optionally
-waiting up to ``batch_window_s`` for the cameras that had no new frame yet), turns every
-result into a frame message (:func:`build_frame_message`, a pure function) and
-publishes it.
+waiting up to ``batch_window_s`` for the cameras that had no new frame yet), then
+runs each camera's cheap stages (:class:`CameraStages`: one tracker update, one
+vectorised pose fit when the camera is calibrated, its line's rule engine), turns
+every result into a frame message (:func:`build_frame_message`, a pure function)
+and publishes it.  Rule and state changes go through the :class:`EventRecorder`:
+stored first (durable), then published as ``event`` messages, followed by the
+line's ``state`` message.
 
 This is the hot path: no image copies, no per-keypoint Python beyond building the
 message dicts, metric children bound once.
@@ -23,35 +27,52 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-from service.domain import ClassInfo, Detections, Frame, ImageArray
+from service.domain import ClassInfo, Detections, Event, Frame, ImageArray, Tracks
+from service.geometry import Homography, PoseEstimator, joint_angles
+from service.rules import RuleEngine
 from service.telemetry.metrics import (
     CAPTURE_TO_PUBLISH,
     FRAMES_PROCESSED,
     INSTANCES,
 )
+from service.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 MESSAGE_VERSION = 1
+DET_ROW = "det_row"  # Detections.extra key: the row of each track's detection
 Message = dict[str, Any]
 
 
 # --- the frame message (pure) ---------------------------------------------------
 
 
+def _is_chain(info: ClassInfo) -> bool:
+    """A class whose skeleton is one open chain 0-1-2-... over all its keypoints (an arm)."""
+    k = len(info.keypoint_names)
+    return k >= 3 and tuple(info.skeleton) == tuple((i, i + 1) for i in range(k - 1))
+
+
 @dataclass(frozen=True, slots=True)
 class ClassTable:
-    """Class names and keypoint names by class id, looked up once per model."""
+    """Class names and keypoint names by class id, looked up once per model.
+
+    ``chains`` are the ids of classes whose skeleton is one open chain (a robot
+    arm): their frame messages carry the chain's joint angles.
+    """
 
     names: tuple[str, ...]
     keypoint_names: tuple[tuple[str, ...], ...]
+    chains: frozenset[int] = frozenset()
 
     @classmethod
     def from_classes(cls, classes: Sequence[ClassInfo]) -> ClassTable:
         return cls(
             names=tuple(c.name for c in classes),
             keypoint_names=tuple(tuple(c.keypoint_names) for c in classes),
+            chains=frozenset(i for i, c in enumerate(classes) if _is_chain(c)),
         )
 
     def name(self, class_id: int) -> str:
@@ -69,6 +90,23 @@ def iso_utc(t_wall: float) -> str:
     return datetime.fromtimestamp(t_wall, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+def _nan_to_none(values: list[Any]) -> list[Any]:
+    return [None if v != v else v for v in values]  # NaN != NaN
+
+
+def _track_columns(
+    detections: Detections, tracks: Tracks | None
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """(detection rows, track rows) of the detections that belong to a confirmed track."""
+    if tracks is None or not len(tracks):
+        empty = np.zeros(0, np.intp)
+        return empty, empty
+    rows = tracks.detections.extra.get(DET_ROW)
+    if rows is None:
+        raise ValueError(f"tracks carry no {DET_ROW!r}: run the tracker through CameraStages")
+    return np.asarray(rows, np.intp), np.arange(len(tracks), dtype=np.intp)
+
+
 def build_frame_message(
     frame: Frame,
     detections: Detections,
@@ -78,37 +116,118 @@ def build_frame_message(
     line: str | None,
     published_mono: float,
     sim_t: float | None = None,
+    tracks: Tracks | None = None,
 ) -> Message:
     """The ``frame`` message (DESIGN.md "Messages") for one processed frame.
 
     ``published_mono`` is ``time.monotonic()`` at publish; ``age_ms`` is measured on
     the monotonic clock from capture.  Pixel values are rounded to 0.01 px and
     scores to 0.001 in numpy, before the arrays become Python lists.
+
+    With ``tracks`` (the camera's confirmed tracks of this frame), an instance that
+    belongs to a track carries the track's smoothed box and keypoints, its
+    ``track_id`` and ``velocity`` (px/s, and mm/s when calibrated); with millimetre
+    fields in the tracks (a calibrated camera), every keypoint gains ``x_mm`` /
+    ``y_mm`` (null when not seen), rigid parts a ``pose`` and chain classes (an
+    arm) ``joints_deg``.  Other instances have ``track_id`` null.
     """
-    boxes = np.round(detections.boxes, 2).tolist()
+    n = len(detections)
+    boxes_arr = detections.boxes
+    kps_arr = detections.keypoints
+    det_rows, trk_rows = _track_columns(detections, tracks)
+    track_ids = [None] * n
+    calibrated = tracks is not None and tracks.keypoints_mm is not None
+    if len(det_rows):
+        assert tracks is not None
+        boxes_arr = boxes_arr.copy()
+        kps_arr = kps_arr.copy()
+        boxes_arr[det_rows] = tracks.detections.boxes[trk_rows]
+        kps_arr[det_rows] = tracks.detections.keypoints[trk_rows]
+    boxes = np.round(boxes_arr, 2).tolist()
     scores = np.round(detections.scores, 3).tolist()
     class_ids = detections.class_ids.tolist()
-    kps = detections.keypoints
-    num_slots = int(kps.shape[1])
-    kp_xy = np.round(kps[:, :, :2], 2).tolist()
-    kp_score = np.round(kps[:, :, 2], 3).tolist()
+    num_slots = int(kps_arr.shape[1])
+    kp_xy = np.round(kps_arr[:, :, :2], 2).tolist()
+    kp_score = np.round(kps_arr[:, :, 2], 3).tolist()
+
+    extras: list[dict[str, Any]] = [{} for _ in range(n)]
+    kp_mm: list[Any] | None = None
+    if len(det_rows):
+        assert tracks is not None
+        ids = tracks.track_ids[trk_rows].tolist()
+        v_px = np.round(tracks.velocity_px_s[trk_rows].astype(np.float64), 1).tolist()
+        v_mm: list[Any] = [None] * len(det_rows)
+        poses: list[Any] = [None] * len(det_rows)
+        joints: dict[int, list[Any]] = {}
+        if calibrated:
+            assert tracks.keypoints_mm is not None
+            mm = np.full((n, num_slots, 2), np.nan)
+            mm[det_rows] = tracks.keypoints_mm[trk_rows]
+            kp_mm = np.round(mm, 2).tolist()
+            if tracks.velocity_mm_s is not None:
+                v_mm = np.round(tracks.velocity_mm_s[trk_rows].astype(np.float64), 1).tolist()
+            if tracks.poses is not None and tracks.pose_residual_mm is not None:
+                pose_arr = np.column_stack(
+                    [tracks.poses[trk_rows], tracks.pose_residual_mm[trk_rows]]
+                ).astype(np.float64)
+                poses = np.round(pose_arr, 2).tolist()
+            chain_rows = [
+                j for j, r in enumerate(det_rows.tolist()) if class_ids[r] in classes.chains
+            ]
+            if chain_rows:
+                angles = joint_angles(tracks.keypoints_mm[trk_rows[chain_rows]].astype(np.float64))
+                for j, row in zip(chain_rows, np.round(angles, 2).tolist(), strict=True):
+                    joints[j] = _nan_to_none(row)
+        for j, r in enumerate(det_rows.tolist()):
+            track_ids[r] = ids[j]
+            velocity: dict[str, Any] = {"px_s": v_px[j]}
+            if calibrated:
+                mm_s = v_mm[j]
+                velocity["mm_s"] = None if mm_s is None or mm_s[0] != mm_s[0] else mm_s
+            extra: dict[str, Any] = {"velocity": velocity}
+            if calibrated:
+                pose = poses[j]
+                extra["pose"] = (
+                    None
+                    if pose is None or pose[0] != pose[0]
+                    else {
+                        "x_mm": pose[0], "y_mm": pose[1], "theta_deg": pose[2],
+                        "residual_mm": pose[3],
+                    }
+                )  # fmt: skip
+            if j in joints:
+                extra["joints_deg"] = joints[j]
+            extras[r] = extra
 
     instances: list[dict[str, Any]] = []
     for i, class_id in enumerate(class_ids):
         names = classes.keypoints(class_id, num_slots)
         xy = kp_xy[i]
         ks = kp_score[i]
+        if kp_mm is not None:
+            mm_i = kp_mm[i]
+            keypoints = {
+                name: {
+                    "x": xy[j][0], "y": xy[j][1], "score": ks[j],
+                    "x_mm": None if mm_i[j][0] != mm_i[j][0] else mm_i[j][0],
+                    "y_mm": None if mm_i[j][1] != mm_i[j][1] else mm_i[j][1],
+                }
+                for j, name in enumerate(names)
+            }  # fmt: skip
+        else:
+            keypoints = {
+                name: {"x": xy[j][0], "y": xy[j][1], "score": ks[j]}
+                for j, name in enumerate(names)
+            }
         instances.append(
             {
                 "class": classes.name(class_id),
                 "class_id": class_id,
                 "score": scores[i],
                 "box": boxes[i],
-                "keypoints": {
-                    name: {"x": xy[j][0], "y": xy[j][1], "score": ks[j]}
-                    for j, name in enumerate(names)
-                },
-                "track_id": None,
+                "keypoints": keypoints,
+                "track_id": track_ids[i],
+                **extras[i],
             }
         )
     message: Message = {
@@ -126,6 +245,28 @@ def build_frame_message(
     if sim_t is not None:
         message["sim_t"] = round(sim_t, 6)
     return message
+
+
+def event_message(event: Event) -> Message:
+    """The ``event`` message of a stored event (it has its cursor)."""
+    return {
+        "v": MESSAGE_VERSION,
+        "type": "event",
+        "cursor": event.cursor,
+        "line": event.line,
+        "kind": event.kind,
+        "name": event.name,
+        "old": event.old,
+        "new": event.new,
+        "t_wall": round(event.t_wall, 6),
+        "time": iso_utc(event.t_wall),
+        "detail": event.detail,
+    }
+
+
+def state_message(snapshot: dict[str, object]) -> Message:
+    """The ``state`` message of a line: its engine's snapshot, with ``v`` and ``type``."""
+    return {"v": MESSAGE_VERSION, "type": "state", **snapshot}
 
 
 # --- what the loop needs from its collaborators -------------------------------
@@ -149,6 +290,89 @@ class Publisher(Protocol):
     """Where messages go (service.bus.Hub); ``publish`` must never block."""
 
     def publish(self, msg: Message) -> Any: ...
+
+
+class EventSink(Protocol):
+    """Where events are made durable (service.store.EventStore): returns them with cursors."""
+
+    def append(self, events: list[Event]) -> list[Event]: ...
+
+
+class LatestStates:
+    """Newest ``state`` message per line, written by the recorder, read by the API."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, Message] = {}
+
+    def put(self, line: str, message: Message) -> None:
+        with self._lock:
+            self._latest[line] = message
+
+    def get(self, line: str) -> Message | None:
+        with self._lock:
+            return self._latest.get(line)
+
+
+class EventRecorder:
+    """Stores a line's events, then publishes them, then the line's state message.
+
+    ``record`` is the only way events leave an engine: ``sink.append`` commits them
+    (cursors assigned) before anything is published, so every published event is
+    durable.  One lock keeps publication in cursor order across threads (inference
+    loops and the ticker).  A failing sink raises: nothing unstored is published.
+    """
+
+    def __init__(
+        self, sink: EventSink, publisher: Publisher, states: LatestStates | None = None
+    ) -> None:
+        self._sink = sink
+        self._publisher = publisher
+        self._states = states
+        self._lock = threading.Lock()
+
+    def record(self, engine: RuleEngine, events: list[Event], *, state: bool = False) -> int:
+        """Store + publish ``events``; publish the line's state when anything changed
+        (or ``state`` is True).  Returns the number of events published."""
+        with self._lock:
+            stored = self._sink.append(events) if events else []
+            for event in stored:
+                self._publisher.publish(event_message(event))
+            if stored or state:
+                message = state_message(engine.snapshot())
+                if self._states is not None:
+                    self._states.put(engine.line.id, message)
+                self._publisher.publish(message)
+            return len(stored)
+
+
+@dataclass(slots=True)
+class CameraStages:
+    """A camera's stages after inference: tracker, pose (when calibrated), its line's rules.
+
+    ``update`` runs one tracker update, one vectorised pose fit and the rule
+    engine; the tracker's times are seconds on one clock (monotonic, or simulated).
+    """
+
+    tracker: Tracker
+    pose: PoseEstimator | None = None
+    homography: Homography | None = None
+    engine: RuleEngine | None = None
+
+    def update(
+        self, camera: str, detections: Detections, t: float, t_wall: float, age_s: float
+    ) -> tuple[Tracks, list[Event]]:
+        """Tracks of this frame (mm fields filled when calibrated) and the rule events."""
+        detections.extra[DET_ROW] = np.arange(len(detections), dtype=np.intp)
+        tracks = self.tracker.update(detections, t)
+        if self.pose is not None and self.homography is not None:
+            tracks = self.pose.update(tracks, self.homography)
+        events = (
+            self.engine.update(camera, tracks, t_wall=t_wall, frame_age_s=age_s)
+            if self.engine is not None
+            else []
+        )
+        return tracks, events
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +407,80 @@ class CameraFeed:
     source: FrameTaker
     line: str | None = None
     sim_time: Callable[[Frame], float | None] | None = None
+    stages: CameraStages | None = None
     last_seq: int = -1
     processed: int = 0
+
+
+class Pruner(Protocol):
+    """The store as the ticker sees it: drop events older than the retention."""
+
+    def prune(self) -> int: ...
+
+
+class LineTicker:
+    """Once a second: each line's staleness/idleness tick and its ``state`` message.
+
+    ``tick(now)`` runs one round (``engine.tick``, then the recorder stores and
+    publishes the events and the state), so a line whose cameras stopped sending
+    still turns UNKNOWN and clients still get a state at least once a second.  The
+    thread also prunes the store at start and once a day.
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[RuleEngine],
+        recorder: EventRecorder,
+        *,
+        pruner: Pruner | None = None,
+        interval_s: float = 1.0,
+        prune_every_s: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._engines = list(engines)
+        self._recorder = recorder
+        self._pruner = pruner
+        self._interval_s = interval_s
+        self._prune_every_s = prune_every_s
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+
+    def tick(self, now: float | None = None) -> int:
+        """One round over every line; returns the events published."""
+        t = self._clock() if now is None else now
+        published = 0
+        for engine in self._engines:
+            published += self._recorder.record(engine, engine.tick(t), state=True)
+        return published
+
+    def start(self) -> None:
+        if self._thread is None and (self._engines or self._pruner is not None):
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="line-ticker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        next_prune = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if self._pruner is not None and time.monotonic() >= next_prune:
+                    removed = self._pruner.prune()
+                    if removed:
+                        log.info("store: pruned %d events past the retention", removed)
+                    next_prune = time.monotonic() + self._prune_every_s
+                self.tick()
+            except Exception:  # keep ticking; a failing store is logged loudly each round
+                self.errors += 1
+                log.exception("line ticker failed")
+            self._stop.wait(self._interval_s)
 
 
 # --- the loop ------------------------------------------------------------------
@@ -204,6 +500,7 @@ class InferenceLoop:
         max_batch: int = 1,
         batch_window_s: float = 0.0,
         latest: LatestFrames | None = None,
+        recorder: EventRecorder | None = None,
         idle_wait_s: float = 0.1,
         poll_s: float = 0.004,
     ) -> None:
@@ -217,6 +514,9 @@ class InferenceLoop:
         self._max_batch = max(1, int(max_batch))
         self._batch_window_s = max(0.0, batch_window_s)
         self._latest = latest
+        self._recorder = recorder
+        if recorder is None and any(f.stages and f.stages.engine for f in self._feeds):
+            raise ValueError(f"inference loop {model_id!r} has rule engines but no recorder")
         self._idle_wait_s = idle_wait_s
         self._poll_s = poll_s
         self._stop = threading.Event()
@@ -336,6 +636,14 @@ class InferenceLoop:
         self.batches += 1
         for frame, detections, feed in zip(frames, results, feeds, strict=True):
             sim_t = feed.sim_time(frame) if feed.sim_time is not None else None
+            tracks: Tracks | None = None
+            events: list[Event] = []
+            stages = feed.stages
+            if stages is not None:
+                age_s = time.monotonic() - frame.t_mono
+                tracks, events = stages.update(
+                    feed.camera_id, detections, frame.t_mono, frame.t_wall, age_s
+                )
             now = time.monotonic()
             message = build_frame_message(
                 frame,
@@ -345,10 +653,14 @@ class InferenceLoop:
                 line=feed.line,
                 published_mono=now,
                 sim_t=sim_t,
+                tracks=tracks,
             )
             if self._latest is not None:
                 self._latest.put(feed.camera_id, LatestFrame(frame, message))
             self._publisher.publish(message)
+            if events and stages is not None and stages.engine is not None:
+                assert self._recorder is not None
+                self._recorder.record(stages.engine, events)
             feed.processed += 1
             processed, latency, instances = self._camera_metrics[feed.camera_id]
             processed.inc()

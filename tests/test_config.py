@@ -376,7 +376,7 @@ def test_env_errors_for_unknown_section_and_index(write_config: WriteConfig) -> 
     errors = _errors(path, LINEWATCH_APII__PORT="1", LINEWATCH_CAMERAS__7__SOURCE="x")
     assert errors == [
         "environment variable LINEWATCH_APII__PORT: apii: unknown config section "
-        "(did you mean 'api'?); sections are api, bus, cameras, logging, models, store",
+        "(did you mean 'api'?); sections are api, bus, cameras, lines, logging, models, store",
         "environment variable LINEWATCH_CAMERAS__7__SOURCE: cameras[7]: index out of range: "
         "cameras has 2 items (use 2 to add one)",
     ]
@@ -461,3 +461,100 @@ def test_alias_bomb_is_refused(write_config: WriteConfig) -> None:
     path = write_config("\n".join(rows) + "\n")
     errors = _errors(path)
     assert len(errors) == 1 and "expands (through aliases)" in errors[0]
+
+
+# --- lines, calibration and trackers (issue 5) ----------------------------------------
+
+
+def test_lines_calibration_and_tracker_load(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models: [{id: parts, path: m.onnx}]
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1"
+            line: belt-a
+            calibration:
+              points: [[0, 0, 0, 0], [100, 0, 50, 0], [100, 100, 50, 50], [0, 100, 0, 50]]
+            tracker: {min_hits: 2, one_euro: {min_cutoff: 0.5}}
+        lines:
+          - id: belt-a
+            cameras: [cam-1]
+            rules:
+              - {type: presence, name: station, camera: cam-1,
+                 zone: [[0, 0], [10, 0], [10, 10]]}
+    """)
+    config = load_config(path, env={})
+    cam = config.camera("cam-1")
+    assert cam.calibration is not None and cam.calibration.points is not None
+    assert cam.tracker.min_hits == 2 and cam.tracker.one_euro.min_cutoff == 0.5
+    assert config.line("belt-a").rules[0].name == "station"
+    assert config.line_cameras("belt-a") == ["cam-1"]
+    assert load_config(path, env={}).camera("cam-1").line == "belt-a"
+
+
+def test_rule_and_line_cameras_must_exist_and_feed_the_line(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models: [{id: parts, path: m.onnx}]
+        cameras:
+          - {id: cam-1, source: "sim://conveyor", line: line-1}
+          - {id: cam-2, source: "sim://conveyor", line: line-2}
+        lines:
+          - id: line-1
+            cameras: [cam-1, cam-2]
+            rules:
+              - {type: stale_camera, name: fresh, camera: cam-9}
+          - id: line-1
+    """)
+    errors = _errors(path)
+    assert errors[0] == (
+        f"{path}:6: lines[0]: rule 'fresh' names camera(s) cam-9 that are not cameras of "
+        "line 'line-1' (cam-1, cam-2)"
+    )
+    assert errors[1:] == [
+        f"{path}:7: lines[0].cameras[1]: camera 'cam-2' feeds line 'line-2', not 'line-1': "
+        "set its 'line: line-1' or move the rule to line 'line-2'",
+        f"{path}:9: lines[0].rules[0].camera: unknown camera 'cam-9' (cameras: cam-1, cam-2)",
+        f"{path}:10: lines[1].id: duplicate id 'line-1' (also lines[0])",
+    ]
+
+
+def test_bad_rule_and_calibration_name_their_lines(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models: [{id: parts, path: m.onnx}]
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor"
+            calibration: {camera_matrix: [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+        lines:
+          - id: line-1
+            rules:
+              - {type: orientation, name: upright, tolerance_deg: 200}
+    """)
+    errors = _errors(path)
+    assert errors[0].startswith(f"{path}:5: cameras[0].calibration: ")
+    assert "needs 'points'" in errors[0]
+    assert errors[1].startswith(f"{path}:9: lines[0].rules[0].orientation.tolerance_deg: ")
+
+
+def test_the_default_config_has_a_calibrated_line_per_sim_camera() -> None:
+    import numpy as np
+
+    from service.geometry import Homography
+    from service.sim import Scene
+
+    config = load_config(None, env={}, check_files=False)
+    assert [(ln.id, ln.cameras) for ln in config.lines] == [
+        ("line-1", ["cam-1"]), ("line-2", ["cam-2"])
+    ]
+    assert {r.type for r in config.lines[0].rules} == {
+        "stale_camera", "presence", "position", "orientation", "throughput", "conveyor",
+        "zone_intrusion", "joint_range", "stall",
+    }
+    for cam in config.cameras:
+        assert cam.calibration is not None
+        h = Homography.from_config(cam.calibration)
+        scene = Scene("conveyor", seed=1)
+        mm = np.array([[-300.0, -80.0], [250.0, 60.0], [-170.0, 330.0]])
+        px = (scene.homography @ np.column_stack([mm, np.ones(3)]).T).T
+        px = px[:, :2] / px[:, 2:]
+        assert np.allclose(h.px_to_mm(px), mm, atol=0.01)  # the sim's true homography

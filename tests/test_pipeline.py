@@ -323,3 +323,252 @@ def test_the_batch_window_waits_for_the_other_cameras(
     frames = loop.processed("cam-a") + loop.processed("cam-b")
     assert frames >= 12
     assert min_ratio <= frames / loop.batches <= max_ratio, (frames, loop.batches)
+
+
+# --- tracking, poses and rules (issue 5) ------------------------------------------------
+
+from service.app import camera_stages, part_templates  # noqa: E402
+from service.config import load_config  # noqa: E402
+from service.domain import Event, Tracks  # noqa: E402
+from service.geometry import Homography, PoseEstimator  # noqa: E402
+from service.pipeline import (  # noqa: E402
+    DET_ROW,
+    CameraStages,
+    EventRecorder,
+    LatestStates,
+    LineTicker,
+    event_message,
+)
+from service.rules import LineConfig, RuleEngine  # noqa: E402
+from service.sim import CLASSES as SIM_CLASSES  # noqa: E402
+from service.sim import Scene  # noqa: E402
+from service.store import EventStore  # noqa: E402
+from service.tracking import Tracker, TrackerConfig  # noqa: E402
+
+SIM_INFO = tuple(ClassInfo(c.name, c.keypoint_names, c.skeleton) for c in SIM_CLASSES)
+SIM_FPS = 15.0
+
+
+def truth_detections(truth: Any) -> Detections:
+    """A perfect detector: the sim's truth as Detections (parts >= 60 % in view)."""
+    inst = [x for x in truth.instances if x.in_view >= 0.6]
+    n = len(inst)
+    kp = np.zeros((n, 5, 3), np.float32)
+    for j, x in enumerate(inst):
+        kp[j, :, :2] = x.keypoints_px
+        kp[j, :, 2] = np.where(x.visible, 0.9, 0.05)
+    return Detections(
+        boxes=np.array([x.box for x in inst], np.float32).reshape(n, 4),
+        scores=np.full(n, 0.95, np.float32),
+        class_ids=np.array([x.class_id for x in inst], np.int32),
+        keypoints=kp,
+        extra={"uid": np.array([x.uid for x in inst], object)},
+    )
+
+
+@pytest.fixture
+def sim_stages() -> Callable[..., tuple[Scene, CameraStages]]:
+    """Stages of the default config's cam-1 (true calibration) on a sim scene."""
+
+    def make(seed: int, engine: RuleEngine | None = None) -> tuple[Scene, CameraStages]:
+        config = load_config(None, env={}, check_files=False)
+        stages = camera_stages(config.camera("cam-1"), SIM_INFO, {}, engine)
+        return Scene("conveyor", seed=seed, fps=SIM_FPS), stages
+
+    return make
+
+
+def test_frame_message_with_tracks_carries_ids_mm_pose_velocity_and_joints(make_frame) -> None:
+    frame = make_frame()
+    arm = np.array([[0, 0], [10, 0], [10, 10], [20, 10], [20, 20]], np.float32)
+    kp = np.zeros((3, 5, 3), np.float32)
+    kp[:, :, :2] = arm
+    kp[:, :, 2] = 0.9
+    dets = Detections(
+        boxes=np.array([[0, 0, 20, 20]] * 3, np.float32), scores=np.full(3, 0.9, np.float32),
+        class_ids=np.array([0, 2, 1], np.int32), keypoints=kp,
+        extra={DET_ROW: np.arange(3)},
+    )
+    tracked = dets[[0, 1]]  # the third detection has no confirmed track yet
+    mm = kp[[0, 1], :, :2] * 2.0
+    mm[0, 4] = np.nan  # not seen
+    tracks = Tracks(
+        detections=tracked, track_ids=np.array([7, 9], np.int32),
+        velocity_px_s=np.array([[50.0, 0.0], [0.0, 0.0]], np.float32),
+        keypoints_mm=mm, poses=np.array([[10.0, 20.0, 30.0], [np.nan] * 3], np.float32),
+        pose_residual_mm=np.array([0.25, np.nan], np.float32),
+        velocity_mm_s=np.array([[100.0, 0.0], [0.0, 0.0]], np.float32),
+    )
+    table = ClassTable.from_classes(SIM_INFO)
+    assert table.chains == frozenset({2})  # the arm's skeleton is one chain
+    msg = build_frame_message(frame, dets, table, model="m", line="line-1",
+                              published_mono=100.0, tracks=tracks)
+    part, arm_inst, untracked = msg["instances"]
+    assert part["track_id"] == 7 and arm_inst["track_id"] == 9 and untracked["track_id"] is None
+    assert part["pose"] == {"x_mm": 10.0, "y_mm": 20.0, "theta_deg": 30.0, "residual_mm": 0.25}
+    assert part["velocity"] == {"px_s": [50.0, 0.0], "mm_s": [100.0, 0.0]}
+    assert part["keypoints"]["long_tip"]["x_mm"] == 20.0
+    assert part["keypoints"]["hole_short"]["x_mm"] is None  # not seen: null, never NaN
+    assert arm_inst["pose"] is None  # no rigid template
+    assert arm_inst["joints_deg"] == pytest.approx([0.0, 90.0, -90.0, 90.0])
+    assert "velocity" not in untracked and untracked["keypoints"]["centre"]["x_mm"] is None
+    json.dumps(msg, allow_nan=False)
+
+
+def test_stages_keep_track_ids_and_measure_parts_in_mm(sim_stages) -> None:
+    scene, stages = sim_stages(seed=5)
+    ids_of_uid: dict[str, set[int]] = {}
+    errors, speeds = [], []
+    for i in range(int(3 * SIM_FPS)):
+        _, truth = scene.render(i)
+        dets = truth_detections(truth)
+        tracks, _ = stages.update("cam-1", dets, i / SIM_FPS, i / SIM_FPS, 0.0)
+        if i < 5:
+            continue
+        rows = tracks.detections.extra[DET_ROW]
+        uids = dets.extra["uid"][rows]
+        by_uid = {x.uid: x for x in truth.instances}
+        assert tracks.poses is not None and tracks.velocity_mm_s is not None
+        for r, uid in enumerate(uids):
+            ids_of_uid.setdefault(uid, set()).add(int(tracks.track_ids[r]))
+            x = by_uid[uid]
+            if x.class_name in ("bracket", "flange") and x.in_view >= 0.8 and x.visible.all():
+                errors.append(float(np.hypot(*(tracks.poses[r, :2] - np.array(x.pose_mm[:2])))))
+                if "at_station" not in x.flags:
+                    speeds.append(float(tracks.velocity_mm_s[r, 0]))
+    assert len(ids_of_uid) >= 5
+    assert all(len(ids) == 1 for ids in ids_of_uid.values()), ids_of_uid  # stable ids
+    assert len({next(iter(v)) for v in ids_of_uid.values()}) == len(ids_of_uid)  # unique
+    assert np.mean(errors) < 1.0 and np.max(errors) < 4.0, (np.mean(errors), np.max(errors))
+    assert np.median(speeds) == pytest.approx(scene.belt_speed_mm_s, rel=0.1)
+
+
+def test_an_incident_becomes_a_stored_and_published_event(sim_stages, tmp_path: Path) -> None:
+    config = load_config(None, env={}, check_files=False)
+    line = config.line("line-1").model_copy(update={"id": "line-stages"})
+    engine = RuleEngine(line, classes=SIM_INFO)
+    scene, stages = sim_stages(seed=12, engine=engine)  # a hand reaches in at 10.4 s
+    (incident,) = [i for i in scene.incidents(0, 20) if i.kind == "zone_intrusion"]
+    hub = Hub()
+    sub = hub.subscribe(types={"event", "state"})
+    with EventStore(f"sqlite:///{tmp_path / 'events.db'}") as store:
+        recorder = EventRecorder(store, hub, LatestStates())
+        start = int((incident.start_s - 2.0) * SIM_FPS)
+        for i in range(start, int((incident.start_s + 1.5) * SIM_FPS)):
+            _, truth = scene.render(i)
+            t = i / SIM_FPS
+            _, events = stages.update("cam-1", truth_detections(truth), t, t, 0.0)
+            recorder.record(engine, events)
+        stored, _ = store.list(line="line-stages", limit=100)
+    hits = [e for e in stored if e.name == "danger-zone" and e.new == "violated"]
+    assert len(hits) == 1 and incident.start_s <= hits[0].t_wall <= incident.start_s + 1.0
+    fault = [e for e in stored if e.kind == "state" and e.new == "FAULT"]
+    assert fault and fault[0].t_wall == hits[0].t_wall
+    published = []
+    while (m := sub.get_nowait()) is not None:
+        published.append(m)
+    events = [m for m in published if m["type"] == "event"]
+    # every stored event was published once, in cursor order, with the stored cursor
+    assert [m["cursor"] for m in events] == [e.cursor for e in stored]
+    assert events == [event_message(e) for e in stored]
+    states = [m for m in published if m["type"] == "state"]
+    assert states[-1]["state"] == "FAULT" and states[-1]["v"] == 1
+    assert states[-1]["line"] == "line-stages"
+
+
+class FailingStore:
+    def append(self, events: list[Any]) -> list[Any]:
+        raise OSError("disk full")
+
+
+def test_an_event_that_cannot_be_stored_is_never_published() -> None:
+    line = LineConfig.model_validate({"id": "line-fail", "rules": []})
+    engine = RuleEngine(line)
+    hub = Hub()
+    sub = hub.subscribe(types={"event", "state"})
+    recorder = EventRecorder(FailingStore(), hub)
+    with pytest.raises(OSError):
+        recorder.record(engine, [Event("line-fail", "state", "state", "UNKNOWN", "RUNNING", 1.0)])
+    assert sub.get_nowait() is None
+
+
+def test_the_ticker_turns_a_silent_line_unknown_and_publishes_state(tmp_path: Path) -> None:
+    line = LineConfig.model_validate(
+        {"id": "line-tick", "cameras": ["cam-1"],
+         "rules": [{"type": "stale_camera", "name": "fresh", "max_age_s": 1.0}]}
+    )
+    engine = RuleEngine(line)
+    empty = Tracks(Detections.empty(5), np.zeros(0, np.int32), np.zeros((0, 2), np.float32))
+    hub = Hub()
+    sub = hub.subscribe(types={"event", "state"})
+    with EventStore(f"sqlite:///{tmp_path / 'e.db'}") as store:
+        recorder = EventRecorder(store, hub)
+        recorder.record(engine, engine.update("cam-1", empty, t_wall=100.0, frame_age_s=0.0))
+        ticker = LineTicker([engine], recorder, clock=lambda: 100.5)
+        assert ticker.tick() == 0  # fresh: no change, but a state message
+        assert ticker.tick(now=102.0) == 2  # silent for 2 s: rule violated, line UNKNOWN
+        stored, _ = store.list(line="line-tick")
+    published = []
+    while (m := sub.get_nowait()) is not None:
+        published.append(m)
+    assert [m["type"] for m in published].count("state") == 3
+    assert published[-1]["type"] == "state" and published[-1]["state"] == "UNKNOWN"
+    assert [(e.name, e.new) for e in stored][-2:] == [("fresh", "violated"), ("state", "UNKNOWN")]
+
+
+def test_the_loop_runs_stages_and_records_rule_events(onnx_model, cameras, tmp_path) -> None:
+    """Real sim camera, real ONNX model, real store and hub: a rule that fires at once."""
+    model = onnx_model()
+    cam = cameras("cam-1", seed=1)
+    line = LineConfig.model_validate(
+        {"id": "line-loop", "cameras": ["cam-1"],
+         "rules": [{"type": "zone_intrusion", "name": "anything", "units": "px",
+                    "zone": [[-1e4, -1e4], [1e4, -1e4], [1e4, 1e4], [-1e4, 1e4]]}]}
+    )
+    engine = RuleEngine(line, classes=model.info.classes)
+    stages = CameraStages(Tracker(TrackerConfig(min_hits=2)), engine=engine)
+    hub = Hub()
+    sub = hub.subscribe(types={"frame", "event", "state"}, maxsize=1000)
+    with EventStore(f"sqlite:///{tmp_path / 'loop.db'}") as store:
+        loop = InferenceLoop(
+            "tiny", model, model.info.classes, [CameraFeed("cam-1", cam, stages=stages)], hub,
+            recorder=EventRecorder(store, hub),
+        )
+        _wait_frames(cam)
+        for _ in range(40):
+            loop.step(timeout=1.0)
+            if any(e.new == "FAULT" for e in store.list(line="line-loop")[0]):
+                break
+        stored, _ = store.list(line="line-loop")
+    # no track before min_hits frames: nothing in the zone (ok), then the track: violated
+    assert [(e.name, e.new) for e in stored] == [
+        ("anything", "ok"), ("state", "RUNNING"), ("anything", "violated"), ("state", "FAULT")
+    ]
+    published = []
+    while (m := sub.get_nowait()) is not None:
+        published.append(m)
+    assert [m["cursor"] for m in published if m["type"] == "event"] == [1, 2, 3, 4]
+    tracked = [m for m in published if m["type"] == "frame" and m["instances"][0]["track_id"]]
+    assert tracked and tracked[-1]["instances"][0]["track_id"] == 1
+
+
+def test_a_loop_with_engines_needs_a_recorder(onnx_model) -> None:
+    model = onnx_model()
+    engine = RuleEngine(LineConfig.model_validate({"id": "line-x", "rules": []}))
+    feed = CameraFeed("cam-1", None, stages=CameraStages(Tracker(), engine=engine))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="recorder"):
+        InferenceLoop("tiny", model, model.info.classes, [feed], Hub())
+
+
+def test_part_templates_come_from_metadata_or_the_sim_classes() -> None:
+    sim = part_templates(SIM_INFO)
+    assert set(sim) == {0, 1}  # bracket, flange; the arm and the hand are articulated
+    assert SIM_CLASSES[1].template_mm is not None
+    assert np.allclose(sim[1], SIM_CLASSES[1].template_mm)
+    renamed = (ClassInfo("bracket", ("a", "b", "c", "d", "e")),)
+    assert part_templates(renamed) == {}  # other keypoints: not the sim's part
+    meta = {"templates_mm": json.dumps({"bracket": [[0, 0], [10, 0], [0, 10]]})}
+    assert part_templates(renamed, meta)[0].shape == (3, 2)
+    empty = Tracks(Detections.empty(5), np.zeros(0, np.int32), np.zeros((0, 2), np.float32))
+    h = Homography.from_dict({"homography": np.eye(3).tolist()})
+    assert PoseEstimator(sim).update(empty, h).poses is not None

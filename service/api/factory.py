@@ -8,6 +8,7 @@ registry (so a server can close every client with 1001 on shutdown).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -22,10 +23,14 @@ from service.api.auth import Scope, TokenAuth
 from service.api.schemas import CameraSnapshot, ErrorBody, Health, ModelSnapshot, Readiness
 from service.api.snapshot import draw_annotations, encode_jpeg
 from service.api.views import RuntimeView
-from service.api.ws import WebsocketClients, stream_frames
+from service.api.ws import EventLog, WebsocketClients, stream_events, stream_frames
 from service.bus import Bus
+from service.pipeline import event_message
+
+log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+MAX_EVENTS_PAGE = 1000
 NO_IMAGES = (
     "no images over MQTT: camera {camera!r} is served from the broker, which carries its frame "
     "messages (coordinates, see /latest) but not its images; see docs/mqtt.md"
@@ -48,6 +53,16 @@ class ApiSettings:
 
 CameraId = Annotated[str, Path(description="A camera id from GET /api/v1/cameras.")]
 ModelId = Annotated[str, Path(description="A model id from GET /api/v1/models.")]
+LineId = Annotated[str, Path(description="A line id from GET /api/v1/lines.")]
+LineFilter = Annotated[
+    str | None, Query(description="Only this line's events (a line id from GET /api/v1/lines).")
+]
+SinceCursor = Annotated[
+    int, Query(ge=0, description="Return events after this cursor (0: from the oldest kept).")
+]
+PageLimit = Annotated[
+    int, Query(ge=1, le=MAX_EVENTS_PAGE, description="At most this many events.")
+]
 Annotate = Annotated[bool, Query(description="Draw boxes, keypoints and skeletons.")]
 
 _bearer = HTTPBearer(auto_error=False, description="Only when auth is enabled in the config.")
@@ -86,8 +101,13 @@ def create_app(
     settings: ApiSettings | None = None,
     *,
     clients: WebsocketClients | None = None,
+    events: EventLog | None = None,
 ) -> FastAPI:
-    """Build the LineWatch API (OpenAPI at ``/docs``)."""
+    """Build the LineWatch API (OpenAPI at ``/docs``).
+
+    ``events`` is the event store the events routes read (None: no lines are
+    configured, so there are no events).
+    """
     settings = settings or ApiSettings()
     clients = clients or WebsocketClients()
     auth = settings.auth
@@ -210,6 +230,56 @@ def create_app(
                 return model
         raise HTTPException(404, f"no model with id {model_id!r}")
 
+    def line_or_404(line_id: str) -> dict[str, Any]:
+        line = view.line(line_id)
+        if line is None:
+            known = ", ".join(ln["line"] for ln in view.lines()) or "none"
+            raise HTTPException(404, f"no line with id {line_id!r} (lines: {known})")
+        return line
+
+    @app.get(f"{API_PREFIX}/lines", dependencies=read, tags=["lines"], responses=_AUTH)
+    def list_lines() -> list[dict[str, Any]]:
+        """Every line: state, since, reasons, rules, counters, belt speed, cycle time."""
+        return view.lines()
+
+    @app.get(
+        f"{API_PREFIX}/lines/{{line_id}}", dependencies=read, tags=["lines"],
+        responses={**_NOT_FOUND, **_AUTH},
+    )
+    def get_line(line_id: LineId) -> dict[str, Any]:
+        """One line: its state (since when, why), every rule's status and value, the parts
+        counter, belt speed (mm/s), last cycle time (s), pose fit residual, cameras."""
+        return line_or_404(line_id)
+
+    @app.get(
+        f"{API_PREFIX}/events", dependencies=read, tags=["lines"],
+        responses={**_NOT_FOUND, **_AUTH, 503: {"model": ErrorBody}},
+    )
+    def list_events(
+        line: LineFilter = None, since: SinceCursor = 0, limit: PageLimit = 100
+    ) -> dict[str, Any]:
+        """Stored events after ``since``, oldest first; pass ``next`` as ``since`` to page on.
+
+        ``latest`` is the newest cursor in the store: ``next == latest`` means caught up.
+        """
+        if line is not None:
+            line_or_404(line)
+        if events is None:
+            return {"events": [], "next": since, "latest": 0}
+        try:
+            page, next_cursor = events.list(line=line, since_cursor=since, limit=limit)
+            latest = events.latest_cursor()
+        except Exception as exc:  # a locked or broken database: say so, never a 500
+            log.exception("event store read failed")
+            raise HTTPException(
+                503, f"the event store cannot be read: {type(exc).__name__}", {"Retry-After": "1"}
+            ) from exc
+        return {
+            "events": [event_message(e) for e in page],
+            "next": next_cursor,
+            "latest": max(latest, next_cursor),
+        }
+
     @app.get(f"{API_PREFIX}/config", dependencies=admin, tags=["admin"], responses=_AUTH)
     def effective_config() -> dict[str, Any]:
         """The configuration in effect, secrets masked (admin scope)."""
@@ -235,6 +305,38 @@ def create_app(
             return
         await websocket.accept()
         await stream_frames(websocket, hub, clients, cameras, settings.ws_queue)
+
+    @app.websocket(f"{API_PREFIX}/ws/events")
+    async def ws_events(websocket: WebSocket) -> None:
+        """Events after ``?since=CURSOR`` from the store, then live (``&line=`` filters)."""
+        params = websocket.query_params
+        decision = auth.check(
+            websocket.headers.get("authorization"), "read", params.get("token")
+        )
+        if not decision.allowed:
+            await _deny(websocket, decision.status, decision.detail)
+            return
+        raw_since, line = params.get("since"), params.get("line")
+        since: int | None = None
+        if raw_since not in (None, ""):
+            try:
+                since = int(str(raw_since))
+            except ValueError:
+                since = -1
+            if since < 0:
+                await _deny(websocket, 422, f"since={raw_since!r}: give a cursor >= 0")
+                return
+        if line == "":
+            line = None
+        if line is not None and view.line(line) is None:
+            known = ", ".join(ln["line"] for ln in view.lines()) or "none"
+            await _deny(websocket, 404, f"no line with id {line!r} (lines: {known})")
+            return
+        if clients.closing:
+            await _deny(websocket, 503, "server is shutting down")
+            return
+        await websocket.accept()
+        await stream_events(websocket, hub, clients, events, since, line, event_message)
 
     @app.exception_handler(ValueError)
     async def value_error(_request: Request, exc: ValueError) -> JSONResponse:

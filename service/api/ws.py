@@ -1,22 +1,29 @@
-"""The frame websocket: one hub subscription per client, closed with 1001 on shutdown.
+"""The websockets: one hub subscription per client, closed with 1001 on shutdown.
 
-Each client has its own bounded subscription on the hub.  A client that reads
-slower than frames arrive loses its own oldest frame messages (the hub drops them
-and the next message carries ``dropped``); the pipeline and the other clients
+Frames: each client has its own bounded subscription on the hub.  A client that
+reads slower than frames arrive loses its own oldest frame messages (the hub drops
+them and the next message carries ``dropped``); the pipeline and the other clients
 never wait for it.
+
+Events: the client subscribes to the hub's ``event`` messages *first*, then the
+events after its ``since`` cursor are replayed from the store, then the live ones
+follow, skipping any cursor already sent.  Events are stored before they are
+published, so every event is either in the replay or in the subscription: a client
+that reconnects with the last cursor it saw loses nothing and sees nothing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Collection
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Protocol
 
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -28,6 +35,17 @@ log = logging.getLogger(__name__)
 
 GOING_AWAY = 1001
 STREAM = "frames"
+REPLAY_PAGE = 500
+
+
+class EventLog(Protocol):
+    """The event store as the API reads it (service.store.EventStore)."""
+
+    def list(
+        self, line: str | None = None, since_cursor: int = 0, limit: int = 100
+    ) -> tuple[list[Any], int]: ...
+
+    def latest_cursor(self) -> int: ...
 
 
 class WebsocketClients:
@@ -125,6 +143,76 @@ async def stream_frames(
     except HubClosed:
         await websocket.close(code=GOING_AWAY, reason="server shutting down")
         return
+    await _serve(websocket, subscription, clients, _pump(subscription, websocket))
+
+
+async def stream_events(
+    websocket: WebSocket,
+    hub: Bus,
+    clients: WebsocketClients,
+    events: EventLog | None,
+    since: int | None,
+    line: str | None,
+    to_message: Callable[[Any], dict[str, Any]],
+) -> None:
+    """Replay the stored events after ``since`` (of ``line``), then stream live ones."""
+    try:
+        subscription = hub.subscribe(types={"event"})  # before the replay: no gap
+    except HubClosed:
+        await websocket.close(code=GOING_AWAY, reason="server shutting down")
+        return
+    await _serve(
+        websocket, subscription, clients,
+        _replay_then_pump(subscription, websocket, events, since, line, to_message),
+    )  # fmt: skip
+
+
+async def _replay_then_pump(
+    subscription: Any,
+    websocket: WebSocket,
+    events: EventLog | None,
+    since: int | None,
+    line: str | None,
+    to_message: Callable[[Any], dict[str, Any]],
+) -> str:
+    last = 0
+    if since is not None and events is not None:
+        last = since
+        store = events
+        while True:
+            page, _next = await anyio.to_thread.run_sync(
+                functools.partial(store.list, line=line, since_cursor=last, limit=REPLAY_PAGE)
+            )
+            for event in page:
+                try:
+                    await websocket.send_text(_dumps(to_message(event)))
+                except (WebSocketDisconnect, OSError, RuntimeError):
+                    return "client left"
+                last = int(event.cursor)
+            if len(page) < REPLAY_PAGE:
+                break
+    while True:
+        try:
+            message = await subscription.get()
+        except HubClosed:
+            return "hub closed"
+        cursor = message.get("cursor")
+        if line is not None and message.get("line") != line:
+            continue
+        if isinstance(cursor, int):
+            if cursor <= last:
+                continue  # already sent by the replay
+            last = cursor
+        try:
+            await websocket.send_text(_dumps(message))
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            return "client left"
+
+
+async def _serve(
+    websocket: WebSocket, subscription: Any, clients: WebsocketClients, pump: Awaitable[str]
+) -> None:
+    """Run ``pump`` until it ends, the client leaves or the server shuts down."""
     key, closing = clients.enter()
     ended: list[str] = []
     try:
@@ -134,7 +222,7 @@ async def stream_frames(
                 ended.append(await work)
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(first_to_finish, _pump(subscription, websocket))
+            tg.start_soon(first_to_finish, pump)
             tg.start_soon(first_to_finish, _until_disconnect(websocket))
             tg.start_soon(first_to_finish, _until_set(closing))
         if ended and ended[0] != "client left":

@@ -30,27 +30,35 @@ def _rows(n: int) -> np.ndarray:
     return np.stack(rows)
 
 
-def runtime_config(model_path: Path, cameras: dict[str, str], **api: Any) -> Config:
-    return Config.model_validate(
-        {
-            "cameras": [
-                {"id": cid, "source": src, "model": "tiny", "open_timeout_s": 1.0,
-                 "read_timeout_s": 1.0}
-                for cid, src in cameras.items()
-            ],
-            "models": [
-                {"id": "tiny", "path": str(model_path), "intra_op_threads": 1, "warmup_runs": 1}
-            ],
-            "api": api,
-        }
-    )
+def runtime_config(
+    model_path: Path, cameras: dict[str, str], *, lines: list[dict[str, Any]] | None = None,
+    store_url: str | None = None, camera_lines: dict[str, str] | None = None, **api: Any,
+) -> Config:
+    data: dict[str, Any] = {
+        "cameras": [
+            {"id": cid, "source": src, "model": "tiny", "open_timeout_s": 1.0,
+             "read_timeout_s": 1.0, "line": (camera_lines or {}).get(cid, "line-1")}
+            for cid, src in cameras.items()
+        ],
+        "models": [
+            {"id": "tiny", "path": str(model_path), "intra_op_threads": 1, "warmup_runs": 1}
+        ],
+        "api": api,
+    }
+    if lines is not None:
+        data["lines"] = lines
+    if store_url is not None:
+        data["store"] = {"url": store_url}
+    return Config.model_validate(data)
 
 
 class RuntimeFactory:
-    """``make(cameras={id: source}, instances=1, start=True, api={...}, frame_queue=64)``.
+    """``make(cameras={id: source}, instances=1, start=True, api={...}, frame_queue=64,
+    lines=[...], camera_lines={camera: line})``.
 
     Builds a real runtime: sim cameras, a tiny real ONNX model that outputs
-    ``instances`` fixed detections per frame (classes 0, 1, 2, ...), the real hub.
+    ``instances`` fixed detections per frame (classes 0, 1, 2, ...), the real hub;
+    with ``lines``, rule engines and a SQLite event store in the test's tmp dir.
     ``close()`` stops every runtime it built.
     """
 
@@ -66,6 +74,8 @@ class RuntimeFactory:
         start: bool = True,
         api: dict[str, Any] | None = None,
         frame_queue: int = 64,
+        lines: list[dict[str, Any]] | None = None,
+        camera_lines: dict[str, str] | None = None,
     ) -> tuple[Runtime, Hub]:
         path = build_model(self._tmp / f"tiny-{len(self._built)}.onnx", _rows(instances))
         cams = cameras or {
@@ -73,7 +83,11 @@ class RuntimeFactory:
             "cam-2": "sim://conveyor?seed=2&fps=20&width=320&height=240",
         }
         hub = Hub(frame_queue=frame_queue)
-        runtime = Runtime.build(runtime_config(path, cams, **(api or {})), hub)
+        store = f"sqlite:///{self._tmp / f'events-{len(self._built)}.db'}" if lines else None
+        config = runtime_config(
+            path, cams, lines=lines, store_url=store, camera_lines=camera_lines, **(api or {})
+        )
+        runtime = Runtime.build(config, hub)
         self._built.append(runtime)
         if start:
             runtime.start()
