@@ -195,8 +195,16 @@ def run_bench(
     seconds: float = 10.0,
     warmup_s: float = 2.0,
     raw_seconds: float | None = None,
+    compare: str | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark and return its one JSON object (see the module doc)."""
+    """Run the benchmark and return its one JSON object (see the module doc).
+
+    ``compare="ultralytics"`` also times Ultralytics' ``predict(stream=True)`` loop on the
+    same ONNX file and the first camera's clip: ``ultralytics_fps`` and
+    ``speedup_vs_ultralytics`` (pipeline fps / Ultralytics fps).
+    """
+    if compare not in (None, "ultralytics"):
+        raise ConfigError(f"bench --compare supports only 'ultralytics', got {compare!r}.")
     import psutil
 
     config = bench_config(load_config(config_path), cameras)
@@ -237,6 +245,7 @@ def run_bench(
     images = images[: loaded.max_batch]
     raw = raw_model_fps(loaded, images, raw_seconds or min(10.0, max(2.0, seconds / 2)))
     fps = recorder.frames / elapsed
+    compared = _compare_ultralytics(config, loaded, seconds) if compare else {}
     ages = np.asarray(recorder.ages_ms)
     cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     return {
@@ -258,6 +267,27 @@ def run_bench(
         "seconds": round(elapsed, 2),
         "frames": recorder.frames,
         "frames_dropped": dropped,
+        **({"ultralytics_fps": round(compared["fps"], 2),
+            "speedup_vs_ultralytics": round(fps / compared["fps"], 3),
+            "ultralytics_frames": compared["frames"]} if compared else {}),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
     }
+
+
+def _compare_ultralytics(config: Config, loaded: LoadedModel, seconds: float) -> dict[str, Any]:
+    """Ultralytics' predict loop on the same ONNX file and the first camera's clip."""
+    from service.inference import repo_root
+    from service.inference.ultralytics import time_ultralytics
+
+    source = str(config.camera(loaded.cameras[0]).source)
+    if "://" in source:
+        raise ConfigError(
+            f"bench --compare ultralytics needs a video file source; camera "
+            f"{loaded.cameras[0]!r} reads {source!r}."
+        )
+    timing = time_ultralytics(
+        Path(loaded.config.path), source, seconds, repo_root(),
+        conf=loaded.config.score_threshold,
+    )
+    return {"fps": timing.fps, "frames": timing.frames}

@@ -247,13 +247,17 @@ def bench(
     ] = None,
     seconds: Annotated[float, typer.Option(min=1.0, help="Measured run time.")] = 10.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
+    compare: Annotated[
+        str | None,
+        typer.Option(help="Also time another runtime on the same model and clip: ultralytics."),
+    ] = None,
 ) -> None:
     """Run the pipeline as fast as it can and compare it with a bare ONNX Runtime loop."""
     import json as _json
 
     from service.bench import run_bench
 
-    result = run_bench(config, cameras=cameras, seconds=seconds)
+    result = run_bench(config, cameras=cameras, seconds=seconds, compare=compare)
     if json_out:
         typer.echo(_json.dumps(result))
     else:
@@ -399,6 +403,52 @@ def api(
     from service.remote import run_api
 
     run_api(config, host, port)
+
+
+# --- predict (bring your own model) -------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image or video files.")],
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="ONNX model (default: the config's).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="LineWatch YAML whose model entry has the settings."),
+    ] = None,
+    model_id: Annotated[
+        str | None, typer.Option("--model-id", help="Which model entry of the config.")
+    ] = None,
+    camera: Annotated[
+        str | None, typer.Option(help="Camera id whose fixed ROIs to use (top-down models).")
+    ] = None,
+    score_threshold: Annotated[
+        float | None, typer.Option("--conf", min=0.0, max=1.0, help="Minimum instance score.")
+    ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="Force an adapter: end2end, ultralytics, simcc, heatmap, regression."),
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Frames per model run.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines (the only format).")] = True,
+) -> None:
+    """Run a model on image/video files: one JSON line per frame (instances, named keypoints)."""
+    import json as _json
+    import sys
+
+    from service.predict import load_predictor, predict_files
+
+    predictor = load_predictor(model, config, model_id, score_threshold, adapter)
+    typer.echo(
+        f"model {predictor.path}: adapter {predictor.adapter.name} ({predictor.adapter_reason})",
+        err=True,
+    )
+    for record in predict_files(predictor, inputs, camera, batch):
+        sys.stdout.write(_json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from its :class:`ModelInfo`: metadata and output shapes), prepares images for it
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,14 +19,17 @@ import numpy as np
 
 from service.domain import Detections, ImageArray
 from service.errors import ModelError
+from service.inference.adapter_config import AdapterConfig
+from service.inference.decoders import decode_ultralytics_pose
+from service.inference.inputs import Normalizer, to_model_input, ultralytics_letterbox
 from service.inference.metadata import ModelInfo
 from service.inference.preprocess import Transform, make_batch
 
 DEFAULT_SCORE_THRESHOLD = 0.5
-# Families on the roadmap but without an adapter yet (said when a model is refused).
+# Said when a model is refused: what needs config rather than metadata.
 NOT_YET_SUPPORTED = (
-    "Ultralytics raw YOLO-pose [B, 4+C+K*3, A] (needs NMS) and top-down models "
-    "(RTMPose SimCC, HRNet heatmaps) have no adapter yet."
+    "Direct-regression keypoint models (e.g. MoveNet) need an output spec in the config "
+    "(adapter: {kind: regression, output: {...}}); see docs/models.md."
 )
 
 
@@ -48,22 +52,38 @@ class Adapter(ABC):
         info: ModelInfo,
         score_threshold: float | None = None,
         max_detections: int | None = None,
+        settings: AdapterConfig | None = None,
+        normalizer: Normalizer | None = None,
     ) -> None:
         self.info = info
         self.score_threshold = resolve_score_threshold(info, score_threshold)
         self.max_detections = max_detections
+        self.settings = settings or AdapterConfig()
+        self.normalizer = normalizer
 
     @classmethod
     @abstractmethod
     def accepts(cls, info: ModelInfo) -> Verdict:
         """Decide from metadata and tensor shapes alone."""
 
+    @classmethod
+    def fits(cls, info: ModelInfo, settings: AdapterConfig) -> Verdict:
+        """Decide with the model's adapter settings too (when the config forces this one)."""
+        return cls.accepts(info)
+
     def preprocess(
         self, images: Sequence[ImageArray]
     ) -> tuple[dict[str, np.ndarray], list[Transform]]:
         """Images (HxWx3 uint8 BGR) -> session feeds and one transform per image."""
-        batch, transforms = make_batch(images, self.info.input)
-        return {self.info.input.name: batch}, transforms
+        if self.normalizer is None:
+            batch, transforms = make_batch(images, self.info.input)
+            return {self.info.input.name: batch}, transforms
+        fitted, transforms = make_batch(images, dataclasses.replace(
+            self.info.input, layout="NHWC", color="BGR", dtype="uint8", normalization="in-graph"
+        ))
+        return {self.info.input.name: to_model_input(fitted, self.info.input, self.normalizer)}, (
+            transforms
+        )
 
     @abstractmethod
     def postprocess(
@@ -176,6 +196,13 @@ class End2EndAdapter(Adapter):
                                  "dynamic last dimension, checked at run time")
         return Verdict(False, f"dynamic last dimension in {out.describe()} and no output_format")
 
+    def preprocess(
+        self, images: Sequence[ImageArray]
+    ) -> tuple[dict[str, np.ndarray], list[Transform]]:
+        if is_ultralytics_export(self.info) and self.info.input.resize == "letterbox":
+            return ultralytics_preprocess(images, self.info, self.normalizer)
+        return super().preprocess(images)
+
     def postprocess(
         self, outputs: Sequence[np.ndarray], transforms: Sequence[Transform]
     ) -> list[Detections]:
@@ -186,10 +213,21 @@ class End2EndAdapter(Adapter):
                 f"Model {str(self.info.path)!r} returned an output of shape {list(out.shape)}; "
                 f"the end2end adapter expects [B>={len(transforms)}, N, {6 + k * d}]."
             )
-        return [
+        ultralytics = is_ultralytics_export(self.info)
+        if ultralytics:  # edge convention (0..W) -> pixel centres
+            out = out.copy()
+            out[..., 0:4] -= 0.5
+            kp = out[..., 6:].reshape(*out.shape[:2], k, d)
+            kp[..., 0:2] -= 0.5
+            out[..., 6:] = kp.reshape(*out.shape[:2], k * d)
+        result = [
             decode_end2end(out[b], t, k, d, self.score_threshold, self.max_detections)
             for b, t in enumerate(transforms)
         ]
+        if ultralytics:  # Ultralytics clips to the frame; match it
+            for det, t in zip(result, transforms, strict=True):
+                clip_to_frame(det, t.src_width, t.src_height)
+        return result
 
 
 def decode_end2end(
@@ -224,3 +262,134 @@ def decode_end2end(
         class_ids=np.rint(sel[:, 5]).astype(np.int32),
         keypoints=keypoints,
     )
+
+
+def is_ultralytics_export(info: ModelInfo) -> bool:
+    """Ultralytics writes ``author: Ultralytics``; its coordinates span 0..W (pixel edges)."""
+    return "ultralytics" in info.metadata.get("author", "").lower()
+
+
+@register_adapter
+class UltralyticsPoseAdapter(Adapter):
+    """Ultralytics raw YOLO-pose (or detect) output ``[B, 4 + C + K*D, A]``, decoded with NMS.
+
+    Images are letterboxed exactly as Ultralytics does (bilinear, centred, 114 gray);
+    anchors scoring ``> score_threshold`` go through class-aware NMS (``adapter.nms``:
+    iou, max_det, agnostic); coordinates are shifted from Ultralytics' edge convention
+    to pixel centres and clipped to the frame, as Ultralytics clips them.
+    """
+
+    name = "ultralytics"
+    supports = (
+        "one rank-3 output [B, 4+C+K*D, A] (cx, cy, w, h, C class scores, K keypoints per "
+        "anchor; A anchors > channels) with kpt_shape (pose) or without (detect) and names "
+        "metadata, as Ultralytics exports without nms=True"
+    )
+
+    @classmethod
+    def accepts(cls, info: ModelInfo) -> Verdict:
+        if len(info.outputs) != 1:
+            return Verdict(False, f"{len(info.outputs)} outputs, expected 1")
+        out = info.outputs[0]
+        if len(out.shape) != 3:
+            return Verdict(False, f"output {out.describe()} is not rank 3")
+        if info.task not in (None, "pose", "detect"):
+            return Verdict(False, f"task={info.task!r}, expected pose or detect")
+        if info.output_format not in (None, "raw", "ultralytics"):
+            return Verdict(False, f"output_format={info.output_format!r}")
+        channels, anchors = out.shape[1], out.shape[2]
+        if not isinstance(channels, int):
+            return Verdict(False, f"dynamic channel dimension in {out.describe()}")
+        k, d = info.kpt_shape or (0, 3)
+        nc = len(info.classes) if info.classes else channels - 4 - k * d
+        if nc < 1 or channels != 4 + nc + k * d:
+            return Verdict(
+                False, f"output channels {channels} != 4 + C + K*D = 4 + {nc} + {k}*{d}"
+            )
+        if isinstance(anchors, int) and anchors <= channels:
+            return Verdict(False, f"{anchors} anchors <= {channels} channels: not [B, 4+C+K*D, A]")
+        return Verdict(
+            True, f"output {out.describe()} = [B, 4 + {nc} classes + {k}*{d} keypoints, anchors]"
+        )
+
+    @property
+    def num_classes(self) -> int:
+        k, d = self.info.kpt_shape or (0, 3)
+        channels = self.info.outputs[0].shape[1]
+        return int(channels) - 4 - k * d if isinstance(channels, int) else len(self.info.classes)
+
+    def preprocess(
+        self, images: Sequence[ImageArray]
+    ) -> tuple[dict[str, np.ndarray], list[Transform]]:
+        if self.info.input.resize == "stretch":  # forced by config
+            return super().preprocess(images)
+        return ultralytics_preprocess(images, self.info, self.normalizer)
+
+    def postprocess(
+        self, outputs: Sequence[np.ndarray], transforms: Sequence[Transform]
+    ) -> list[Detections]:
+        out = np.asarray(outputs[0])
+        kpt_shape = self.info.kpt_shape or (0, 3)
+        nc = self.num_classes
+        nms = self.settings.nms
+        max_det = min(nms.max_det, self.max_detections or nms.max_det)
+        result = []
+        for b, t in enumerate(transforms):
+            dec = decode_ultralytics_pose(
+                out[b], nc, kpt_shape, self.score_threshold, nms.iou, max_det, nms.agnostic
+            )
+            n, k = dec.boxes.shape[0], kpt_shape[0]
+            boxes = t.to_source(dec.boxes.reshape(n, 2, 2) - 0.5).reshape(n, 4)
+            keypoints = dec.keypoints.copy()
+            if k:
+                keypoints[..., 0:2] = t.to_source(dec.keypoints[..., 0:2] - 0.5)
+            det = Detections(boxes, dec.scores, dec.class_ids, keypoints)
+            result.append(clip_to_frame(det, t.src_width, t.src_height))
+        return result
+
+
+def clip_to_frame(det: Detections, width: int, height: int) -> Detections:
+    """Clip boxes and keypoints (in place) to the frame, as Ultralytics' scale_* do."""
+    det.boxes[:, 0::2] = np.clip(det.boxes[:, 0::2], -0.5, width - 0.5)
+    det.boxes[:, 1::2] = np.clip(det.boxes[:, 1::2], -0.5, height - 0.5)
+    det.keypoints[..., 0] = np.clip(det.keypoints[..., 0], -0.5, width - 0.5)
+    det.keypoints[..., 1] = np.clip(det.keypoints[..., 1], -0.5, height - 0.5)
+    return det
+
+
+def ultralytics_preprocess(
+    images: Sequence[ImageArray], info: ModelInfo, normalizer: Normalizer | None
+) -> tuple[dict[str, np.ndarray], list[Transform]]:
+    """Letterbox as Ultralytics does (bilinear, centred) and convert to the input tensor."""
+    spec = info.input
+    fitted = [ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value)
+              for im in images]
+    batch = np.stack([f[0] for f in fitted])
+    return {spec.name: to_model_input(batch, spec, normalizer)}, [f[1] for f in fitted]
+
+
+def adapter_by_kind(kind: str) -> type[Adapter]:
+    for cls in _REGISTRY:
+        if cls.name == kind:
+            return cls
+    names = ", ".join(c.name for c in _REGISTRY)
+    raise ModelError(f"Unknown adapter {kind!r}; choose auto or one of: {names}.")
+
+
+def choose_adapter(info: ModelInfo, settings: AdapterConfig) -> AdapterChoice:
+    """The configured adapter (refused with a clear error if the model does not fit), or auto."""
+    if settings.kind == "auto":
+        return select_adapter(info)
+    cls = adapter_by_kind(settings.kind)
+    verdict = cls.fits(info, settings)
+    if not verdict.accepted:
+        raise ModelError(
+            f"Model {str(info.path)!r} does not fit the configured adapter {cls.name!r}: "
+            f"{verdict.reason}. That adapter supports {cls.supports}. Found "
+            f"{info.describe_found()}. Remove 'adapter:' to let LineWatch choose, or fix it."
+        )
+    return AdapterChoice(cls, f"forced by config (adapter: {cls.name}); {verdict.reason}", ())
+
+
+# Top-down adapters (SimCC, heatmaps, regression) register themselves after the above.
+from service.inference import topdown as _topdown  # noqa: E402,F401

@@ -43,7 +43,7 @@ def test_raw_yolo_pose_layout_is_refused_with_what_was_found_and_what_is_support
     model_factory: ModelFactory,
 ) -> None:
     path = model_factory(
-        "yolo_raw", output_shape=[1, 56, 8400], batch=1,
+        "yolo_raw", output_shape=[1, 57, 8400], batch=1,  # 57 != 4 + 1 + 17*3: no adapter
         metadata={"output_format": None, "kpt_shape": "[17, 3]", "names": "{0: 'person'}"},
     )
     with pytest.raises(ModelError) as err:
@@ -51,7 +51,7 @@ def test_raw_yolo_pose_layout_is_refused_with_what_was_found_and_what_is_support
     msg = str(err.value)
     assert "yolo_raw.onnx" in msg
     assert "images uint8 [1, 240, 320, 3]" in msg  # the input found
-    assert "detections float32 [1, 56, 8400]" in msg  # the output found
+    assert "detections float32 [1, 57, 8400]" in msg  # the output found
     assert "metadata keys: imgsz, input_color" in msg
     assert "Supported: end2end" in msg and "6+K*D" in msg
     assert "\n" not in msg  # one paragraph

@@ -1,0 +1,89 @@
+"""Input spec from metadata *or* config, and the batch conversion it implies (pure numpy).
+
+:func:`apply_input_override` folds an ``adapter.input`` section over what the model's
+metadata says; :func:`to_model_input` turns a (B, H, W, 3) uint8 BGR batch into the
+model's color order, layout, dtype and normalisation (unit, in-graph or mean/std).
+:func:`ultralytics_letterbox` is Ultralytics' ``LetterBox(auto=False, center=True)``:
+bilinear resize to ``round(side * r)``, 114 gray, ``round(pad - 0.1)`` top/left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+from service.domain import ImageArray
+from service.inference.adapter_config import InputOverride
+from service.inference.metadata import InputSpec, ModelInfo, dtype_of
+from service.inference.preprocess import Transform, to_layout
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Normalizer:
+    """Per-channel ``(x - mean) / std`` in the model's color order (0..255 units)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def apply_input_override(
+    info: ModelInfo, override: InputOverride
+) -> tuple[ModelInfo, Normalizer | None]:
+    """The model info with the config's input overrides applied, plus a mean/std step."""
+    spec = info.input
+    changes: dict[str, object] = {}
+    for key in ("layout", "color", "dtype", "resize", "pad_value"):
+        value = getattr(override, key)
+        if value is not None:
+            changes[key] = value
+    if override.normalization is not None:
+        changes["normalization"] = (
+            "in-graph" if override.normalization == "mean-std" else override.normalization
+        )
+    elif changes.get("dtype", "uint8") != "uint8" and "normalization" not in info.metadata:
+        changes["normalization"] = "unit"
+    if override.size is not None:
+        changes["height"], changes["width"] = override.size
+    new_spec = dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
+    new_info = dataclasses.replace(info, input=new_spec, imgsz=(new_spec.height, new_spec.width))
+    normalizer = None
+    if override.normalization == "mean-std" and override.mean and override.std:
+        normalizer = Normalizer(override.mean, override.std)
+    return new_info, normalizer
+
+
+def to_model_input(
+    batch: np.ndarray, spec: InputSpec, normalizer: Normalizer | None = None
+) -> np.ndarray:
+    """(B, H, W, 3) uint8 BGR -> the model's input tensor."""
+    if normalizer is None:
+        return to_layout(batch, spec)
+    x = batch[..., ::-1] if spec.color == "RGB" else batch
+    mean = np.asarray(normalizer.mean, np.float32)
+    inv_std = 1.0 / np.asarray(normalizer.std, np.float32)
+    y = (x.astype(np.float32) - mean) * inv_std
+    if spec.layout == "NCHW":
+        y = y.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(y.astype(dtype_of(spec), copy=False))
+
+
+def ultralytics_letterbox(
+    image: ImageArray, size: tuple[int, int], pad_value: int = 114
+) -> tuple[ImageArray, Transform]:
+    """Ultralytics' LetterBox (auto=False, scaleup, center) and the matching Transform."""
+    out_h, out_w = size
+    h, w = image.shape[:2]
+    r = min(out_h / h, out_w / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    resized = image
+    if (w, h) != (new_w, new_h):
+        resized = np.asarray(
+            cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), np.uint8
+        )
+    dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
+    top, left = round(dh - 0.1), round(dw - 0.1)
+    canvas = np.full((out_h, out_w, 3), pad_value, np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = resized
+    return canvas, Transform(new_w / w, new_h / h, left, top, w, h)

@@ -1,0 +1,149 @@
+"""Parity with Ultralytics' own predict on the same ONNX files and images.
+
+Ultralytics runs under ``.venv-ultralytics`` (``scripts/ultralytics-env`` makes it) in a
+subprocess (tests/support/ultra_ref.py); these tests skip when it is absent.
+Ultralytics reports coordinates with the image spanning 0..W (pixel edges); LineWatch
+uses pixel centres, so LineWatch = Ultralytics - 0.5 px.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.errors import ModelError
+from service.inference.adapter_config import AdapterConfig
+from service.inference.config import InferenceConfig
+from service.inference.runner import Predictor
+from service.predict import predict_files
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "../shared/data"
+ULTRA_PY = ROOT / ".venv-ultralytics" / "bin" / "python"
+REF = ROOT / "tests" / "support" / "ultra_ref.py"
+COCO = sorted((DATA / "coco-sample").glob("*.jpg"))
+STREET = DATA / "videos" / "mmpose_demo_street_5frames.mp4"
+TOL_PX = 0.5
+
+pytestmark = [
+    pytest.mark.skipif(not ULTRA_PY.exists(), reason=".venv-ultralytics is absent: run "
+                       "scripts/ultralytics-env to create it (Ultralytics is a test dependency)"),
+    pytest.mark.skipif(not COCO, reason="../shared/data/coco-sample is absent"),
+]
+
+
+def ultra(*args: str) -> list[dict[str, Any]]:
+    done = subprocess.run([str(ULTRA_PY), str(REF), *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("yolo")
+    paths = ultra("export", "--out", str(out), "--calib", *map(str, COCO))[0]
+    return {k: Path(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """COCO images (640 wide: no resize) plus a 960x540 street frame (resized 2/3)."""
+    import cv2
+
+    out = [*COCO]
+    if STREET.exists():
+        cap = cv2.VideoCapture(str(STREET))
+        ok, frame = cap.read()
+        cap.release()
+        if ok:
+            path = tmp_path_factory.mktemp("frames") / "street0.png"
+            cv2.imwrite(str(path), frame)
+            out.append(path)
+    return out
+
+
+def assert_parity(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> int:
+    """Same instances in the same order; boxes and keypoints within TOL_PX. Returns count."""
+    total = 0
+    for a, b in zip(ours, theirs, strict=True):
+        inst = a["instances"]
+        assert len(inst) == len(b["boxes"]), a["file"]
+        if not inst:
+            continue
+        boxes = np.asarray([i["box"] for i in inst])
+        kps = np.asarray([list(i["keypoints"].values()) for i in inst])
+        ref_boxes = np.asarray(b["boxes"]) - 0.5
+        ref_kps = np.asarray(b["keypoints"])
+        np.testing.assert_allclose(boxes, ref_boxes, atol=TOL_PX)
+        np.testing.assert_allclose(kps[..., :2], ref_kps[..., :2] - 0.5, atol=TOL_PX)
+        np.testing.assert_allclose(kps[..., 2], ref_kps[..., 2], atol=1e-3)
+        np.testing.assert_allclose([i["score"] for i in inst], b["scores"], atol=1e-3)
+        total += len(inst)
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conf,iou", [(0.3, 0.7), (0.6, 0.45)])
+def test_raw_export_matches_ultralytics_predict(
+    exported: dict[str, Path], images: list[Path], conf: float, iou: float
+) -> None:
+    theirs = ultra("predict", "--model", str(exported["raw"]), "--conf", str(conf),
+                   "--iou", str(iou), *map(str, images))
+    model = Predictor(exported["raw"], InferenceConfig(warmup_runs=0, score_threshold=conf),
+                      AdapterConfig.model_validate({"nms": {"iou": iou}}))
+    assert model.adapter.name == "ultralytics"
+    ours = list(predict_files(model, images))
+    assert assert_parity(ours, theirs) >= 3  # thresholds chosen so that instances exist
+
+
+@pytest.mark.slow
+def test_nms_free_export_matches_ultralytics_predict(
+    exported: dict[str, Path], images: list[Path]
+) -> None:
+    theirs = ultra("predict", "--model", str(exported["nms"]), "--conf", "0.3", *map(str, images))
+    model = Predictor(exported["nms"], InferenceConfig(warmup_runs=0, score_threshold=0.3))
+    assert model.adapter.name == "end2end"
+    ours = [r for r in predict_files(model, images)]
+    # end2end keeps score >= threshold, Ultralytics > threshold: equal unless a score ties.
+    assert assert_parity(ours, theirs) >= 3
+
+
+@pytest.mark.slow
+def test_predict_cli_json_lines_and_forced_adapter_refusal(
+    exported: dict[str, Path], images: list[Path]
+) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--model", str(exported["raw"]), "--conf", "0.3",
+                              str(images[0]), "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1 and lines[0]["frame"] == 0 and lines[0]["instances"]
+    assert set(lines[0]["instances"][0]) == {"class", "class_id", "score", "box", "keypoints"}
+    with pytest.raises(ModelError, match="does not fit the configured adapter 'simcc'"):
+        Predictor(exported["raw"], InferenceConfig(warmup_runs=0), AdapterConfig(kind="simcc"))
+
+
+@pytest.mark.slow
+def test_inspect_says_ultralytics_and_why(exported: dict[str, Path]) -> None:
+    res = CliRunner().invoke(app, ["model", "inspect", str(exported["raw"])])
+    assert res.exit_code == 0, res.output
+    assert "adapter: ultralytics" in res.stdout and "17*3 keypoints" in res.stdout
+
+
+@pytest.mark.slow
+def test_time_ultralytics_stream_loop(exported: dict[str, Path]) -> None:
+    from service.inference.ultralytics import time_ultralytics
+
+    clip = DATA / "videos" / "intel_bolt-multi-size-detection_preview_h264.mp4"
+    if not clip.exists():
+        pytest.skip("../shared/data/videos is absent")
+    timing = time_ultralytics(exported["raw"], str(clip), 2.0, ROOT, warmup=2)
+    assert timing.fps > 0 and timing.frames >= 1 and timing.seconds >= 2.0

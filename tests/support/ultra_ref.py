@@ -1,0 +1,165 @@
+"""Ultralytics as a reference, run under the separate ``.venv-ultralytics`` interpreter.
+
+Ultralytics (and its torch) is a test-only dependency that cannot share the main
+virtualenv, so tests run this file as a subprocess:
+
+    .venv-ultralytics/bin/python tests/support/ultra_ref.py export --out DIR [--imgsz 640]
+            [--calib IMAGE...]
+        builds YOLO("yolo11n-pose.yaml") with nc: 1 offline (untrained, seeded weights,
+        BatchNorm statistics calibrated on the given images so outputs are not degenerate),
+        exports DIR/yolo11n-pose.onnx (raw [1, 56, A]) and DIR/yolo11n-pose-nms.onnx
+        (NMS inside, [1, 300, 57]); prints {"raw": path, "nms": path} as JSON.
+    .venv-ultralytics/bin/python tests/support/ultra_ref.py predict --model X.onnx
+        --conf C --iou I [--max-det N] IMAGE...
+        runs YOLO(X).predict on each image; prints one JSON object per image:
+        {"file", "boxes": [[x1, y1, x2, y2]], "scores", "classes", "keypoints": [[[x, y, s]]]}.
+    .venv-ultralytics/bin/python tests/support/ultra_ref.py stream --model X.onnx
+        --source CLIP [--frames N] [--warmup W] [--conf C]
+        times YOLO(X).predict(source, stream=True) and prints {"fps", "frames", "seconds"}.
+
+This file imports nothing from LineWatch (it runs outside its virtualenv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def calibration_batch(images: list[str], imgsz: int) -> Any:
+    """Real images (resized, RGB, 0..1) when given, else smooth random ones."""
+    import cv2
+    import numpy as np
+    import torch
+
+    if images:
+        arrays = [cv2.resize(cv2.imread(p), (imgsz, imgsz))[..., ::-1] for p in images]
+        batch = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        return torch.from_numpy(np.ascontiguousarray(batch))
+    coarse = torch.rand(4, 3, 12, 12)
+    return torch.nn.functional.interpolate(coarse, size=(imgsz, imgsz), mode="bilinear")
+
+
+def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None) -> dict[str, str]:
+    import torch
+    import ultralytics
+    import yaml
+    from ultralytics import YOLO
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    stock = Path(ultralytics.__file__).parent / "cfg" / "models" / "11" / "yolo11-pose.yaml"
+    cfg = yaml.safe_load(stock.read_text())
+    cfg["nc"] = 1  # the person layout of the pretrained models: [1, 4 + 1 + 17*3, A]
+    work = out / "build"
+    work.mkdir(exist_ok=True)
+    yaml_path = work / "yolo11n-pose.yaml"  # the "n" in the name picks the nano scale
+    yaml_path.write_text(yaml.safe_dump(cfg))
+    model = YOLO(str(yaml_path), task="pose")
+    # Untrained, the activations vanish layer by layer (every anchor gets the same output).
+    # Calibrate each BatchNorm on one batch (momentum 1: running stats = batch stats), so
+    # every layer passes unit-scale features, and spread the class scores so that NMS has
+    # a real order to follow and thresholds select something.
+    net = model.model
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 1.0
+    net.train()
+    with torch.no_grad():
+        net(calibration_batch(calib or [], imgsz))
+    net.eval()
+    head = net.model[-1]
+    with torch.no_grad():
+        for branches, std, bias in ((head.cv2, 0.3, 0.0), (head.cv3, 1.0, -2.0),
+                                    (head.cv4, 0.3, 0.0)):
+            for branch in branches:  # box (DFL), class and keypoint outputs per level
+                last = branch[-1]
+                last.weight.normal_(0.0, std / last.weight.shape[1] ** 0.5)
+                last.bias.fill_(bias)
+    result = {}
+    for key, kwargs in (("raw", {}), ("nms", {"nms": True})):
+        exported = Path(model.export(format="onnx", imgsz=imgsz, verbose=False, **kwargs))
+        target = out / ("yolo11n-pose.onnx" if key == "raw" else "yolo11n-pose-nms.onnx")
+        shutil.move(str(exported), target)
+        result[key] = str(target)
+    return result
+
+
+def predict(model_path: str, images: list[str], conf: float, iou: float, max_det: int) -> None:
+    from ultralytics import YOLO
+
+    model = YOLO(model_path, task="pose")
+    for image in images:
+        res = model.predict(image, conf=conf, iou=iou, max_det=max_det, verbose=False)[0]
+        record: dict[str, Any] = {
+            "file": image,
+            "boxes": res.boxes.xyxy.cpu().numpy().tolist(),
+            "scores": res.boxes.conf.cpu().numpy().tolist(),
+            "classes": res.boxes.cls.cpu().numpy().astype(int).tolist(),
+            "keypoints": res.keypoints.data.cpu().numpy().tolist() if res.keypoints else [],
+        }
+        emit(record)
+
+
+def stream(model_path: str, source: str, frames: int, warmup: int, conf: float) -> None:
+    from ultralytics import YOLO
+
+    model = YOLO(model_path, task="pose")
+    n = 0
+    t0 = time.perf_counter()
+    for _ in model.predict(source, stream=True, conf=conf, verbose=False):
+        n += 1
+        if n == warmup:
+            t0 = time.perf_counter()
+        if n >= warmup + frames:
+            break
+    elapsed = time.perf_counter() - t0
+    timed = n - warmup
+    emit({"fps": timed / elapsed if elapsed > 0 else 0.0, "frames": timed, "seconds": elapsed})
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export")
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--imgsz", type=int, default=640)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--calib", nargs="*", default=[], help="images for BatchNorm calibration")
+    pr = sub.add_parser("predict")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--conf", type=float, default=0.25)
+    pr.add_argument("--iou", type=float, default=0.7)
+    pr.add_argument("--max-det", type=int, default=300)
+    pr.add_argument("images", nargs="+")
+    st = sub.add_parser("stream")
+    st.add_argument("--model", required=True)
+    st.add_argument("--source", required=True)
+    st.add_argument("--frames", type=int, default=100)
+    st.add_argument("--warmup", type=int, default=5)
+    st.add_argument("--conf", type=float, default=0.25)
+    args = parser.parse_args(argv)
+    # Ultralytics prints progress to stdout: keep stdout for the JSON lines only.
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.cmd == "export":
+            emit(export(args.out, args.imgsz, args.seed, args.calib))
+        elif args.cmd == "predict":
+            predict(args.model, args.images, args.conf, args.iou, args.max_det)
+        else:
+            stream(args.model, args.source, args.frames, args.warmup, args.conf)
+    return 0
+
+
+def emit(record: dict[str, Any]) -> None:
+    sys.__stdout__.write(json.dumps(record) + "\n")
+    sys.__stdout__.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
