@@ -687,7 +687,7 @@ def run_api(config_path: Path | None, host: str | None = None, port: int | None 
         link.on_connected(lambda: link.subscribe(api_subscriptions(settings)))
         clients = WebsocketClients()
         app = create_app(RemoteView(state, link, config), hub, api_settings(config),
-                         clients=clients)
+                         clients=clients, events=state.events)
         link.start()
         log.info(
             "LineWatch API on http://%s:%d fed from %s (topics %s/#)", host, bound_port(sock),

@@ -577,6 +577,7 @@ def test_the_api_over_mqtt_serves_cameras_latest_lines_and_404_for_images(heard)
     assert client.get("/api/v1/cameras/cam-1/latest").json()["seq"] == 5
     snap = client.get("/api/v1/cameras/cam-1/snapshot.jpg")
     assert snap.status_code == 404 and "no images over MQTT" in snap.json()["detail"]
+    assert client.get("/api/v1/lines/line-1").json()["state"] == "RUNNING"
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert "not connected to the MQTT broker mqtt://127.0.0.1:9" in ready.json()["reasons"][0]
