@@ -29,7 +29,14 @@ run: $(VENV)/.runtime
 	@echo "LineWatch: dashboard API http://$(HOST):$(PORT)/docs  metrics http://$(HOST):$(PORT)/metrics  websocket ws://$(HOST):$(PORT)/api/v1/ws/frames"
 	$(VENV)/bin/linewatch serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
+# test-only tools that must not share .venv: Ultralytics (its own torch) in
+# .venv-ultralytics; rtmlib without its dependencies (they would replace ours)
+$(VENV)/.test-extras: $(VENV)/.dev scripts/ultralytics-env
+	scripts/ultralytics-env
+	$(PIP) install -q --no-deps rtmlib
+	touch $@
+
+test: $(VENV)/.test-extras
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
@@ -50,4 +57,4 @@ bench: $(VENV)/.runtime
 	$(VENV)/bin/linewatch bench --seconds 20 --json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-ultralytics .pytest_cache .mypy_cache .ruff_cache
