@@ -183,6 +183,15 @@ def camera_stages(
     return CameraStages(Tracker(cam.tracker), pose, homography, engine)
 
 
+def _engine_of(engines: Mapping[str, RuleEngine], camera: str, line: str) -> RuleEngine | None:
+    """The engine that judges ``camera``: its line's, if the line takes it (a line that
+    lists its cameras judges only those)."""
+    engine = engines.get(line)
+    if engine is None or (engine.line.cameras and camera not in engine.line.cameras):
+        return None
+    return engine
+
+
 def _sim_time_of(camera: Camera) -> Callable[[Frame], float | None] | None:
     if not isinstance(camera, SimTimed) or not str(camera.spec).startswith("sim://"):
         return None
@@ -274,7 +283,7 @@ class Runtime:
                     sim_time=_sim_time_of(cameras[cam_id]),
                     stages=camera_stages(
                         config.camera(cam_id), info.classes, info.metadata,
-                        engines.get(config.camera(cam_id).line),
+                        _engine_of(engines, cam_id, config.camera(cam_id).line),
                     ),
                 )
                 for cam_id in loaded.cameras

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from service.app import JsonLogFormatter, Runtime, api_settings, masked_config
 from service.bus import Hub, HubClosed
@@ -130,3 +132,68 @@ def test_json_log_lines() -> None:
     assert entry["level"] == "ERROR" and entry["logger"] == "service.x"
     assert entry["message"] == "camera cam-1 down" and entry["time"].endswith("Z")
     assert "ValueError: boom" in entry["exception"]
+
+
+# --- lines: engines, store, recorder and ticker (issue 5) -------------------------------
+
+WHOLE = [[-1e4, -1e4], [1e4, -1e4], [1e4, 1e4], [-1e4, 1e4]]
+
+
+def test_a_runtime_with_lines_judges_stores_and_publishes(runtime_factory) -> None:
+    lines = [
+        {"id": "line-1", "rules": [
+            {"type": "zone_intrusion", "name": "anything", "units": "px", "zone": WHOLE},
+        ]},
+        {"id": "line-2", "rules": []},  # no camera feeds it: UNKNOWN, still ticked
+    ]  # fmt: skip
+    runtime, hub = runtime_factory(start=False, lines=lines)
+    sub = hub.subscribe(types={"event", "state"})
+    runtime.start()
+    wait_for(lambda: (runtime.status.line("line-1") or {}).get("state") == "FAULT", 15, "FAULT")
+    wait_for(lambda: (runtime.status.line("line-2") or {}).get("state") == "UNKNOWN", 15, "tick")
+    assert [ln["line"] for ln in runtime.status.lines()] == ["line-1", "line-2"]
+    assert runtime.status.line("nope") is None
+    store = runtime.store
+    assert store is not None
+    stored, _ = store.list(line="line-1")
+    assert ("anything", "violated") in [(e.name, e.new) for e in stored]
+    # the line/rule metrics move with the rules (the engine sets them)
+    assert REGISTRY.get_sample_value(
+        "linewatch_line_state", {"line": "line-1", "state": "FAULT"}) == 1.0
+    assert REGISTRY.get_sample_value(
+        "linewatch_line_state", {"line": "line-1", "state": "RUNNING"}) == 0.0
+    assert REGISTRY.get_sample_value(
+        "linewatch_rule_violated",
+        {"line": "line-1", "rule": "anything", "type": "zone_intrusion"}) == 1.0
+    time.sleep(1.2)  # at least one tick: every line's state, changed or not
+    runtime.stop()
+    messages = []
+    with pytest.raises(HubClosed):
+        while True:
+            m = sub.get_nowait()
+            if m is not None:
+                messages.append(m)
+    events = [m for m in messages if m["type"] == "event"]
+    assert [m["cursor"] for m in events] == list(range(1, len(events) + 1))
+    assert {m["line"] for m in messages if m["type"] == "state"} == {"line-1", "line-2"}
+    frame_engines = {f.camera_id: f.stages.engine for loop in runtime.loops for f in loop._feeds
+                     if f.stages is not None}
+    assert frame_engines["cam-1"] is runtime.engines["line-1"]
+
+
+def test_a_camera_its_line_does_not_list_is_not_judged(tmp_path: Path) -> None:
+    """(bench copies cameras without touching the lines: they are tracked, not judged)"""
+    model = build_model(tmp_path / "m.onnx")
+    config = runtime_config(
+        model, {"cam-1": SIM.format(1)}, store_url=f"sqlite:///{tmp_path / 'e.db'}",
+        lines=[{"id": "line-1", "cameras": ["cam-1"], "rules": []}],
+    )
+    data = config.model_dump(mode="python", by_alias=True)
+    data["cameras"][0]["id"] = "copy-1"
+    copied = type(config).model_validate(data, context={"cross_checked": True})
+    runtime = Runtime.build(copied, Hub())
+    try:
+        (feed,) = runtime.loops[0]._feeds
+        assert feed.stages is not None and feed.stages.engine is None
+    finally:
+        runtime.stop()
