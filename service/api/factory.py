@@ -57,8 +57,11 @@ LineId = Annotated[str, Path(description="A line id from GET /api/v1/lines.")]
 LineFilter = Annotated[
     str | None, Query(description="Only this line's events (a line id from GET /api/v1/lines).")
 ]
+MAX_CURSOR = 2**63 - 1
 SinceCursor = Annotated[
-    int, Query(ge=0, description="Return events after this cursor (0: from the oldest kept).")
+    int,
+    Query(ge=0, le=MAX_CURSOR,
+          description="Return events after this cursor (0: from the oldest kept)."),
 ]
 PageLimit = Annotated[
     int, Query(ge=1, le=MAX_EVENTS_PAGE, description="At most this many events.")
@@ -323,7 +326,7 @@ def create_app(
                 since = int(str(raw_since))
             except ValueError:
                 since = -1
-            if since < 0:
+            if not 0 <= since <= MAX_CURSOR:
                 await _deny(websocket, 422, f"since={raw_since!r}: give a cursor >= 0")
                 return
         if line == "":

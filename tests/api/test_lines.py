@@ -95,7 +95,9 @@ def test_events_page_by_cursor_and_filter_by_line(lines_runtime) -> None:
 
 
 @pytest.mark.parametrize(
-    "params", [{"since": -1}, {"since": "x"}, {"limit": 0}, {"limit": 100_000}, {"limit": "a"}]
+    "params",
+    [{"since": -1}, {"since": "x"}, {"since": 2**64}, {"limit": 0}, {"limit": 100_000},
+     {"limit": "a"}],
 )
 def test_bad_event_params_are_422(lines_runtime, params: dict[str, Any]) -> None:
     runtime, hub, _ = lines_runtime
@@ -183,7 +185,8 @@ def test_ws_line_filter_and_live_only_without_since(lines_runtime, server_factor
 
 
 @pytest.mark.parametrize(
-    ("query", "status"), [("since=-3", 422), ("since=abc", 422), ("line=nope", 404)]
+    ("query", "status"),
+    [("since=-3", 422), ("since=abc", 422), (f"since={2**64}", 422), ("line=nope", 404)],
 )
 def test_ws_bad_query_is_refused_before_the_upgrade(
     lines_runtime, server_factory, query: str, status: int
