@@ -143,12 +143,14 @@ def build_frame_message(
         kps_arr = kps_arr.copy()
         boxes_arr[det_rows] = tracks.detections.boxes[trk_rows]
         kps_arr[det_rows] = tracks.detections.keypoints[trk_rows]
-    boxes = np.round(boxes_arr, 2).tolist()
-    scores = np.round(detections.scores, 3).tolist()
+    # float64 before rounding: a rounded float32 prints as 0.9729999899864197 in JSON
+    boxes = np.round(boxes_arr.astype(np.float64), 2).tolist()
+    scores = np.round(detections.scores.astype(np.float64), 3).tolist()
     class_ids = detections.class_ids.tolist()
     num_slots = int(kps_arr.shape[1])
-    kp_xy = np.round(kps_arr[:, :, :2], 2).tolist()
-    kp_score = np.round(kps_arr[:, :, 2], 3).tolist()
+    kp64 = kps_arr.astype(np.float64)
+    kp_xy = np.round(kp64[:, :, :2], 2).tolist()
+    kp_score = np.round(kp64[:, :, 2], 3).tolist()
 
     extras: list[dict[str, Any]] = [{} for _ in range(n)]
     kp_mm: list[Any] | None = None
@@ -161,7 +163,7 @@ def build_frame_message(
         joints: dict[int, list[Any]] = {}
         if calibrated:
             assert tracks.keypoints_mm is not None
-            mm = np.full((n, num_slots, 2), np.nan)
+            mm = np.full((n, num_slots, 2), np.nan)  # float64
             mm[det_rows] = tracks.keypoints_mm[trk_rows]
             kp_mm = np.round(mm, 2).tolist()
             if tracks.velocity_mm_s is not None:

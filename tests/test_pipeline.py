@@ -572,3 +572,17 @@ def test_part_templates_come_from_metadata_or_the_sim_classes() -> None:
     empty = Tracks(Detections.empty(5), np.zeros(0, np.int32), np.zeros((0, 2), np.float32))
     h = Homography.from_dict({"homography": np.eye(3).tolist()})
     assert PoseEstimator(sim).update(empty, h).poses is not None
+
+
+def test_message_numbers_are_short_decimals_in_json(make_frame) -> None:
+    dets = Detections(
+        boxes=np.array([[1.234567, 2.0, 30.5, 40.25]], np.float32),
+        scores=np.array([0.97312], np.float32), class_ids=np.zeros(1, np.int32),
+        keypoints=np.array([[[10.123456, 20.98765, 0.87654]] * 5], np.float32),
+    )
+    msg = build_frame_message(make_frame(), dets, ClassTable.from_classes(CLASSES), model="m",
+                              line=None, published_mono=100.0)
+    text = json.dumps(msg["instances"])
+    assert '"score": 0.973' in text and "0.97299" not in text
+    assert '"box": [1.23, 2.0, 30.5, 40.25]' in text
+    assert '"x": 10.12, "y": 20.99, "score": 0.877' in text
