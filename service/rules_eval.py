@@ -107,12 +107,14 @@ class Score:
     fp: int = 0
     fn: int = 0
     delays: list[float] = field(default_factory=list)
+    missed: list[tuple[str, Interval]] = field(default_factory=list)  # (phase, interval)
 
     def add(self, other: Score) -> None:
         self.tp += other.tp
         self.fp += other.fp
         self.fn += other.fn
         self.delays += other.delays
+        self.missed += other.missed
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -230,6 +232,7 @@ def judge_changes(
                 )  # fmt: skip
                 if hit is None:
                     score.fn += 1
+                    score.missed.append((phase, iv))
                     continue
                 hit.matched = True
                 hit.delay = hit.t - anchor - slack
@@ -430,6 +433,12 @@ def run_eval(
              "new": i.event.new, "detail": i.event.detail}
             for i in false_items[:50]
         ],  # fmt: skip
+        "missed": [
+            {"target": target, "phase": phase, "kind": iv.kind, "start": round(iv.start, 2),
+             "end": round(iv.end, 2)}
+            for target, score in scores.items()
+            for phase, iv in score.missed
+        ][:50],
         "parts_counted": parts_counted,
         "parts_true": truth_count,
         "count_error_pct": _round(count_error),
