@@ -26,6 +26,10 @@ What counts (docs/rules.md, "Evaluating rules on the sim"):
   when one ended within [end - 1 s, end + clear_for + 5 s]; each interval matches
   one onset and one clear.  Delay = event time - start - for (onsets) or
   - end - clear_for (clears).  Events without an interval are ``false_events``.
+- Edges of the run: an interval that starts in the first second (a flagged part
+  already in view at t = 0, before any track can be confirmed) and an onset or clear
+  whose window ends after the run (an incident still going on at the end) are not
+  judged; they still take their events, which are then no false events.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Interval:
     kind: str
     start: float
     end: float
+    judged: bool = True  # False: it started in the warm-up; it only absorbs its events
 
 
 @dataclass
@@ -146,7 +151,7 @@ def merge_intervals(intervals: Sequence[Interval], gap: float = MERGE_GAP_S) -> 
         if out and iv.start - out[-1].end < gap:
             out[-1].end = max(out[-1].end, iv.end)
         else:
-            out.append(Interval(iv.kind, iv.start, iv.end))
+            out.append(Interval(iv.kind, iv.start, iv.end, iv.judged))
     return out
 
 
@@ -189,12 +194,16 @@ def judge_changes(
     rule_kinds: dict[str, list[str]],
     for_s: dict[str, float],
     clear_for_s: dict[str, float],
+    horizon: float | None = None,
 ) -> tuple[dict[str, Score], list[Item]]:
     """Match events to truth intervals (see the module docstring); scores per target.
 
     ``rule_kinds`` maps a target (rule name or ``state:NAME``) to the interval kinds
     it reports; ``for_s`` / ``clear_for_s`` map a kind to the ``for`` / ``clear_for``
-    of the rule that judges it.
+    of the rule that judges it.  An interval's onset (clear) is judged only when the
+    interval is ``judged`` and its whole window ends before ``horizon`` (the end of
+    the run); otherwise it still takes its event (that event is no false positive)
+    but counts neither as a hit nor as a miss.
     """
     items: list[Item] = []
     for ev in events:
@@ -230,12 +239,17 @@ def judge_changes(
                     ),
                     None,
                 )  # fmt: skip
+                judged = iv.judged and (horizon is None or anchor + slack + LATE_S <= horizon)
+                if hit is not None:
+                    hit.matched = True
+                    hit.delay = hit.t - anchor - slack
+                if not judged:
+                    continue
                 if hit is None:
                     score.fn += 1
                     score.missed.append((phase, iv))
                     continue
-                hit.matched = True
-                hit.delay = hit.t - anchor - slack
+                assert hit.delay is not None
                 score.tp += 1
                 score.delays.append(hit.delay)
             score.fp += sum(1 for i in mine if not i.matched)
@@ -391,11 +405,14 @@ def run_eval(
         intervals.setdefault(inc.kind, []).append(
             Interval(inc.kind, inc.start_s, min(inc.end_s, seconds))
         )
-    intervals = {k: merge_intervals(v) for k, v in intervals.items()}
     dt = 1.0 / fps
     for kind, samples in truths.flagged.items():
         if samples:
             intervals[kind] = flag_intervals(samples, kind, dt)
+    for kind, ivs in intervals.items():
+        for iv in ivs:  # tracks are confirmed only after a few frames
+            iv.judged = iv.start >= WARMUP_S
+        intervals[kind] = merge_intervals(ivs)
 
     rule_kinds: dict[str, list[str]] = {r.name: [] for r in line.rules}
     for_s: dict[str, float] = {}
@@ -408,7 +425,9 @@ def run_eval(
                 clear_for_s.setdefault(kind, r.clear_for_s)
     for state in FAULT_STATES:
         rule_kinds[f"state:{state}"] = [k for k, s in KIND_STATES.items() if state in s]
-    scores, items = judge_changes(events, intervals, rule_kinds, for_s, clear_for_s)
+    scores, items = judge_changes(
+        events, intervals, rule_kinds, for_s, clear_for_s, horizon=seconds
+    )
 
     total, states_total = Score(), Score()
     for target, score in scores.items():

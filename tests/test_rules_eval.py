@@ -133,3 +133,20 @@ def test_the_cli_on_the_shipped_model(tmp_path: Path) -> None:
     assert report["rules"]["danger-zone"]["recall"] == 1.0
     assert report["states"]["FAULT"]["recall"] == 1.0
     assert report["position_err_mm_mean"] < 3.0
+
+
+def test_edges_of_the_run_are_not_judged_but_absorb_their_events() -> None:
+    intervals = {
+        "misoriented": [Interval("misoriented", 0.0, 0.2, judged=False)],
+        "belt_stop": [Interval("belt_stop", 590.0, 600.0)],  # still stopped at the end
+    }
+    rule_kinds = {"upright": ["misoriented"], "belt": ["belt_stop"]}
+    events = [ev("upright", "unknown", "violated", 0.3), ev("belt", "ok", "violated", 591.2)]
+    scores, items = judge_changes(
+        events, intervals, rule_kinds, {"belt_stop": 1.0, "misoriented": 0.5},
+        {"belt_stop": 0.5, "misoriented": 0.5}, horizon=600.0,
+    )
+    assert (scores["upright"].tp, scores["upright"].fp, scores["upright"].fn) == (0, 0, 0)
+    belt = scores["belt"]
+    assert (belt.tp, belt.fp, belt.fn) == (1, 0, 0)  # the onset counts, the clear cannot
+    assert all(i.matched for i in items)
