@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 GOING_AWAY = 1001
 STREAM = "frames"
+EVENTS_STREAM = "events"
 REPLAY_PAGE = 500
 
 
@@ -70,7 +71,7 @@ class WebsocketClients:
     def closing(self) -> bool:
         return self._closing
 
-    def enter(self) -> tuple[int, asyncio.Event]:
+    def enter(self, stream: str = STREAM) -> tuple[int, asyncio.Event]:
         """Register the calling client; its event is set when it must close."""
         event = asyncio.Event()
         with self._lock:
@@ -78,13 +79,13 @@ class WebsocketClients:
             self._clients[key] = (asyncio.get_running_loop(), event)
             if self._closing:
                 event.set()
-        WS_CLIENTS.labels(STREAM).inc()
+        WS_CLIENTS.labels(stream).inc()
         return key, event
 
-    def leave(self, key: int) -> None:
+    def leave(self, key: int, stream: str = STREAM) -> None:
         with self._lock:
             self._clients.pop(key, None)
-        WS_CLIENTS.labels(STREAM).dec()
+        WS_CLIENTS.labels(stream).dec()
 
     async def close_all(self, timeout: float = 5.0) -> None:
         """Tell every client handler to close with 1001 and wait until they have."""
@@ -143,7 +144,7 @@ async def stream_frames(
     except HubClosed:
         await websocket.close(code=GOING_AWAY, reason="server shutting down")
         return
-    await _serve(websocket, subscription, clients, _pump(subscription, websocket))
+    await _serve(websocket, subscription, clients, _pump(subscription, websocket), STREAM)
 
 
 async def stream_events(
@@ -164,6 +165,7 @@ async def stream_events(
     await _serve(
         websocket, subscription, clients,
         _replay_then_pump(subscription, websocket, events, since, line, to_message),
+        EVENTS_STREAM,
     )  # fmt: skip
 
 
@@ -210,10 +212,11 @@ async def _replay_then_pump(
 
 
 async def _serve(
-    websocket: WebSocket, subscription: Any, clients: WebsocketClients, pump: Awaitable[str]
+    websocket: WebSocket, subscription: Any, clients: WebsocketClients, pump: Awaitable[str],
+    stream: str,
 ) -> None:
     """Run ``pump`` until it ends, the client leaves or the server shuts down."""
-    key, closing = clients.enter()
+    key, closing = clients.enter(stream)
     ended: list[str] = []
     try:
         async with anyio.create_task_group() as tg:
@@ -231,4 +234,4 @@ async def _serve(
                 await websocket.close(code=GOING_AWAY, reason="server shutting down")
     finally:
         subscription.close()
-        clients.leave(key)
+        clients.leave(key, stream)
