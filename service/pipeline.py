@@ -317,12 +317,14 @@ class LatestStates:
 
 
 class EventRecorder:
-    """Stores a line's events, then publishes them, then the line's state message.
+    """Judges, stores and publishes: the only way events leave a rule engine.
 
-    ``record`` is the only way events leave an engine: ``sink.append`` commits them
-    (cursors assigned) before anything is published, so every published event is
-    durable.  One lock keeps publication in cursor order across threads (inference
-    loops and the ticker).  A failing sink raises: nothing unstored is published.
+    ``judge`` (a camera's tracks) and ``tick`` (the clock) run the engine and
+    ``record`` its events under one lock: ``sink.append`` commits them (cursors
+    assigned) before anything is published, so every published event is durable,
+    and one engine's changes are stored and published in the order it made them,
+    whichever thread (inference loops, the ticker) made them.  The line's ``state``
+    message follows its events.  A failing sink raises: nothing unstored is published.
     """
 
     def __init__(
@@ -333,27 +335,45 @@ class EventRecorder:
         self._states = states
         self._lock = threading.Lock()
 
-    def record(self, engine: RuleEngine, events: list[Event], *, state: bool = False) -> int:
-        """Store + publish ``events``; publish the line's state when anything changed
-        (or ``state`` is True).  Returns the number of events published."""
+    def judge(
+        self, engine: RuleEngine, camera: str, tracks: Tracks, t_wall: float, age_s: float
+    ) -> int:
+        """``engine.update`` on a camera's tracks, then record; returns events published."""
         with self._lock:
-            stored = self._sink.append(events) if events else []
-            for event in stored:
-                self._publisher.publish(event_message(event))
-            if stored or state:
-                message = state_message(engine.snapshot())
-                if self._states is not None:
-                    self._states.put(engine.line.id, message)
-                self._publisher.publish(message)
-            return len(stored)
+            events = engine.update(camera, tracks, t_wall=t_wall, frame_age_s=age_s)
+            return self._emit(engine, events, state=False)
+
+    def tick(self, engine: RuleEngine, now: float) -> int:
+        """``engine.tick`` (staleness, idleness), record, and always publish the state."""
+        with self._lock:
+            return self._emit(engine, engine.tick(now), state=True)
+
+    def record(self, engine: RuleEngine, events: list[Event], *, state: bool = False) -> int:
+        """Store + publish ``events`` made by ``engine``; publish the line's state when
+        anything changed (or ``state`` is True).  Returns the number of events published."""
+        with self._lock:
+            return self._emit(engine, events, state=state)
+
+    def _emit(self, engine: RuleEngine, events: list[Event], *, state: bool) -> int:
+        stored = self._sink.append(events) if events else []
+        for event in stored:
+            self._publisher.publish(event_message(event))
+        if stored or state:
+            message = state_message(engine.snapshot())
+            if self._states is not None:
+                self._states.put(engine.line.id, message)
+            self._publisher.publish(message)
+        return len(stored)
 
 
 @dataclass(slots=True)
 class CameraStages:
     """A camera's stages after inference: tracker, pose (when calibrated), its line's rules.
 
-    ``update`` runs one tracker update, one vectorised pose fit and the rule
-    engine; the tracker's times are seconds on one clock (monotonic, or simulated).
+    ``track`` runs one tracker update and one vectorised pose fit; the tracker's
+    times are seconds on one clock (monotonic, or simulated).  The running service
+    judges the tracks through :meth:`EventRecorder.judge`; ``update`` (track, then
+    ``engine.update``) is for single-threaded callers such as ``linewatch rules eval``.
     """
 
     tracker: Tracker
@@ -361,14 +381,22 @@ class CameraStages:
     homography: Homography | None = None
     engine: RuleEngine | None = None
 
-    def update(
-        self, camera: str, detections: Detections, t: float, t_wall: float, age_s: float
-    ) -> tuple[Tracks, list[Event]]:
-        """Tracks of this frame (mm fields filled when calibrated) and the rule events."""
+    def track(self, detections: Detections, t: float) -> Tracks:
+        """Tracks of this frame, mm fields filled when calibrated.
+
+        Marks each detection's row in ``detections.extra`` so that each track finds
+        its detection again (``build_frame_message``)."""
         detections.extra[DET_ROW] = np.arange(len(detections), dtype=np.intp)
         tracks = self.tracker.update(detections, t)
         if self.pose is not None and self.homography is not None:
             tracks = self.pose.update(tracks, self.homography)
+        return tracks
+
+    def update(
+        self, camera: str, detections: Detections, t: float, t_wall: float, age_s: float
+    ) -> tuple[Tracks, list[Event]]:
+        """Tracks of this frame and the rule events they cause (single-threaded use)."""
+        tracks = self.track(detections, t)
         events = (
             self.engine.update(camera, tracks, t_wall=t_wall, frame_age_s=age_s)
             if self.engine is not None
@@ -454,7 +482,7 @@ class LineTicker:
         t = self._clock() if now is None else now
         published = 0
         for engine in self._engines:
-            published += self._recorder.record(engine, engine.tick(t), state=True)
+            published += self._recorder.tick(engine, t)
         return published
 
     def start(self) -> None:
@@ -639,13 +667,9 @@ class InferenceLoop:
         for frame, detections, feed in zip(frames, results, feeds, strict=True):
             sim_t = feed.sim_time(frame) if feed.sim_time is not None else None
             tracks: Tracks | None = None
-            events: list[Event] = []
             stages = feed.stages
             if stages is not None:
-                age_s = time.monotonic() - frame.t_mono
-                tracks, events = stages.update(
-                    feed.camera_id, detections, frame.t_mono, frame.t_wall, age_s
-                )
+                tracks = stages.track(detections, frame.t_mono)
             now = time.monotonic()
             message = build_frame_message(
                 frame,
@@ -660,9 +684,11 @@ class InferenceLoop:
             if self._latest is not None:
                 self._latest.put(feed.camera_id, LatestFrame(frame, message))
             self._publisher.publish(message)
-            if events and stages is not None and stages.engine is not None:
+            if stages is not None and stages.engine is not None and tracks is not None:
                 assert self._recorder is not None
-                self._recorder.record(stages.engine, events)
+                self._recorder.judge(
+                    stages.engine, feed.camera_id, tracks, frame.t_wall, now - frame.t_mono
+                )
             feed.processed += 1
             processed, latency, instances = self._camera_metrics[feed.camera_id]
             processed.inc()
