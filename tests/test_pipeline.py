@@ -586,3 +586,45 @@ def test_message_numbers_are_short_decimals_in_json(make_frame) -> None:
     assert '"score": 0.973' in text and "0.97299" not in text
     assert '"box": [1.23, 2.0, 30.5, 40.25]' in text
     assert '"x": 10.12, "y": 20.99, "score": 0.877' in text
+
+
+def test_changes_from_two_threads_are_stored_in_the_engines_order(tmp_path: Path) -> None:
+    """Frames (one thread) and ticks (another) flip a freshness rule back and forth:
+    each rule's and the line's stored changes chain (old == the previous new)."""
+    import itertools
+    import threading
+
+    line = LineConfig.model_validate(
+        {"id": "line-chain", "cameras": ["cam-1"],
+         "rules": [{"type": "stale_camera", "name": "fresh", "max_age_s": 0.5}]}
+    )
+    engine = RuleEngine(line)
+    empty = Tracks(Detections.empty(5), np.zeros(0, np.int32), np.zeros((0, 2), np.float32))
+    with EventStore(f"sqlite:///{tmp_path / 'chain.db'}") as store:
+        recorder = EventRecorder(store, Hub())
+
+        clock = itertools.count()
+
+        def frames() -> None:
+            for _ in range(300):
+                t = next(clock) * 0.3
+                recorder.judge(engine, "cam-1", empty, t_wall=t, age_s=0.0)
+                time.sleep(0.0005 * (next(clock) % 3))
+
+        def ticks() -> None:
+            for _ in range(300):
+                recorder.tick(engine, next(clock) * 0.3)  # stale after 2 ticks in a row
+                time.sleep(0.0005 * (next(clock) % 2))
+
+        threads = [threading.Thread(target=frames), threading.Thread(target=ticks)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        stored, _ = store.list(line="line-chain", limit=10_000)
+    assert len(stored) > 20
+    last: dict[str, str] = {}
+    for event in stored:
+        if event.name in last:
+            assert event.old == last[event.name], (event, last)
+        last[event.name] = event.new
