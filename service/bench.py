@@ -95,6 +95,9 @@ def bench_config(config: Config, cameras: int | None = None) -> Config:
         cam["realtime"] = False
         cam["loop"] = True
     used = {c["model"] for c in enabled}
+    data["store"] = {**(data.get("store") or {}), "url": "sqlite://"}  # events stay in memory
+    if cameras is not None:
+        data["lines"] = []  # the copies feed none of the configured lines
     data["cameras"] = enabled
     data["models"] = [m for m in data["models"] if m["id"] in used]
     return Config.model_validate(data, context={"cross_checked": True})
