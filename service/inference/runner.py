@@ -10,7 +10,6 @@ chunks of the fixed batch size otherwise).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from service.inference.adapters import Adapter, choose_adapter
 from service.inference.config import InferenceConfig
 from service.inference.inputs import apply_input_override
 from service.inference.metadata import ModelInfo, model_info_from_session
-from service.inference.session import open_session
+from service.inference.session import open_session, run_in_batches
 from service.inference.topdown import TopDownAdapter
 
 log = logging.getLogger(__name__)
@@ -113,28 +112,9 @@ class Predictor:
         return found[order]
 
     def _run(self, feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
-        chunk = n if self.info.dynamic_batch else (self.info.fixed_batch or 1)
-        pieces: list[list[np.ndarray]] = []
-        for start in range(0, n, chunk):
-            part = {k: _pad(v[start:start + chunk], chunk) for k, v in feeds.items()}
-            t = time.perf_counter()
-            try:
-                out = self._session.run(self._outputs, part)
-            except Exception as exc:  # ORT raises its own RuntimeError subclasses
-                raise ModelError(
-                    f"Model {self.name!r} failed to run on a batch of {chunk} "
-                    f"({type(exc).__name__}: {str(exc).strip()[:300]})."
-                ) from exc
-            self.runs += 1
-            log.debug("model %s: batch of %d in %.1f ms", self.name, chunk,
-                      1000 * (time.perf_counter() - t))
-            pieces.append([np.asarray(o) for o in out])
-        if len(pieces) == 1:
-            return [o[:n] for o in pieces[0]]
-        return [np.concatenate([p[i] for p in pieces])[:n] for i in range(len(pieces[0]))]
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    if x.shape[0] == size:
-        return x
-    return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)])
+        outputs, model_s, runs = run_in_batches(
+            self._session, self._outputs, feeds, n, self.info, self.name
+        )
+        self.runs += runs
+        log.debug("model %s: %d inputs in %d run(s), %.1f ms", self.name, n, runs, 1000 * model_s)
+        return outputs

@@ -209,26 +209,40 @@ class OrtModel:
         return detections
 
     def _run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[list[np.ndarray], float, int]:
-        """session.run over the batch: once if the batch is dynamic, else in fixed chunks."""
-        chunk = n if self.info.dynamic_batch else (self.info.fixed_batch or 1)
-        pieces: list[list[np.ndarray]] = []
-        model_s = 0.0
-        for start in range(0, n, chunk):
-            part = {k: _pad_batch(v[start:start + chunk], chunk) for k, v in feeds.items()}
-            t = time.perf_counter()
-            try:
-                out = self._session.run(self._output_names, part)
-            except Exception as exc:  # ORT raises its own RuntimeError subclasses
-                raise ModelError(
-                    f"Model {self.name!r} failed to run on a batch of {chunk} "
-                    f"({type(exc).__name__}: {str(exc).strip()[:300]})."
-                ) from exc
-            model_s += time.perf_counter() - t
-            pieces.append([np.asarray(o) for o in out])
-        if len(pieces) == 1:
-            return [o[:n] for o in pieces[0]], model_s, 1
-        merged = [np.concatenate([p[i] for p in pieces])[:n] for i in range(len(pieces[0]))]
-        return merged, model_s, len(pieces)
+        return run_in_batches(self._session, self._output_names, feeds, n, self.info, self.name)
+
+
+def run_in_batches(
+    session: Any,
+    output_names: list[str],
+    feeds: dict[str, np.ndarray],
+    n: int,
+    info: ModelInfo,
+    name: str,
+) -> tuple[list[np.ndarray], float, int]:
+    """session.run over n inputs: once if the batch is dynamic, else in padded fixed chunks.
+
+    Returns the outputs (first n rows), the model-only seconds and the number of runs.
+    """
+    chunk = n if info.dynamic_batch else (info.fixed_batch or 1)
+    pieces: list[list[np.ndarray]] = []
+    model_s = 0.0
+    for start in range(0, n, chunk):
+        part = {k: _pad_batch(v[start:start + chunk], chunk) for k, v in feeds.items()}
+        t = time.perf_counter()
+        try:
+            out = session.run(output_names, part)
+        except Exception as exc:  # ORT raises its own RuntimeError subclasses
+            raise ModelError(
+                f"Model {name!r} failed to run on a batch of {chunk} "
+                f"({type(exc).__name__}: {str(exc).strip()[:300]})."
+            ) from exc
+        model_s += time.perf_counter() - t
+        pieces.append([np.asarray(o) for o in out])
+    if len(pieces) == 1:
+        return [o[:n] for o in pieces[0]], model_s, 1
+    merged = [np.concatenate([p[i] for p in pieces])[:n] for i in range(len(pieces[0]))]
+    return merged, model_s, len(pieces)
 
 
 def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
