@@ -53,6 +53,9 @@ class SourceOptions:
                drawn from [0, min(max, initial * factor**n)]: full jitter).
     width / height: sim frame size (and a USB camera's requested size).
     rtsp_transport: ``tcp`` (default, works through firewalls) or ``udp``.
+    file_check_s: files: how often to check that the playing file is still there
+               (also checked at each rewind); a removed, replaced or truncated file
+               makes the camera go down and retry.
     """
 
     fps: float | None = None
@@ -66,11 +69,15 @@ class SourceOptions:
     width: int | None = None
     height: int | None = None
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    file_check_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
             raise SourceError(f"fps must be positive, got {self.fps}")
-        for name in ("open_timeout_s", "read_timeout_s", "backoff_initial_s", "backoff_max_s"):
+        for name in (
+            "open_timeout_s", "read_timeout_s", "backoff_initial_s", "backoff_max_s",
+            "file_check_s",
+        ):
             if not getattr(self, name) > 0:
                 raise SourceError(f"{name} must be positive, got {getattr(self, name)}")
         if self.backoff_max_s < self.backoff_initial_s:

@@ -27,6 +27,7 @@ import numpy as np
 from service.domain import ImageArray
 from service.errors import SourceError
 from service.sources.base import Clock, EndOfStream, SourceOptions, mask_credentials
+from service.sources.filewatch import FileWatch
 from service.sources.pacing import Pacer
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class OpenCVSource:
     ``options.loop``.  Live sources are not slowed down; with ``options.fps`` below
     their rate, early frames are skipped (grabbed, not decoded to BGR).  A live read
     that fails, ends or takes at least ``read_timeout_s`` raises :class:`SourceError`.
+    A file that is removed, replaced or truncated while it plays raises
+    :class:`SourceError` within ``file_check_s`` (or at the next rewind).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class OpenCVSource:
         self._cap: cv2.VideoCapture | None = None
         self._pacer: Pacer | None = None
         self._next_due: float | None = None  # live sources with options.fps
+        self._watch: FileWatch | None = None  # files: is the opened file still there?
 
     @property
     def label(self) -> str:
@@ -98,12 +102,16 @@ class OpenCVSource:
 
     def open(self) -> None:
         self.close()
+        watch = None
         if self.kind == "file":
             path = Path(str(self.target))
             if not path.exists():
                 raise SourceError(f"video file {self.label} does not exist")
             if not path.is_file():
                 raise SourceError(f"video source {self.label} is not a file")
+            # identify the file before opening it: a swap in between shows as "replaced"
+            watch = FileWatch(path, self.label, interval_s=self.options.file_check_s,
+                              clock=self._clock)
         cap = self._create_capture()
         if not cap.isOpened():
             cap.release()
@@ -111,6 +119,7 @@ class OpenCVSource:
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         self.nominal_fps = fps if 0.0 < fps < 1000.0 else None
         self._cap = cap
+        self._watch = watch
         self._next_due = None
         self._pacer = None
         if self.kind == "file" and self.options.realtime:
@@ -133,6 +142,7 @@ class OpenCVSource:
         return self._read_live(cap)
 
     def close(self) -> None:
+        self._watch = None
         cap, self._cap = self._cap, None
         if cap is not None:
             cap.release()
@@ -176,8 +186,13 @@ class OpenCVSource:
         )
 
     def _read_file(self, cap: cv2.VideoCapture) -> ImageArray:
+        watch = self._watch
+        if watch is not None:
+            watch.check()
         ok, image = cap.read()
         if not ok:
+            if watch is not None:
+                watch.check(force=True)  # a file cut short ends early: say why
             if not self.options.loop:
                 raise EndOfStream(f"end of video file {self.label}")
             cap.set(cv2.CAP_PROP_POS_FRAMES, 0)

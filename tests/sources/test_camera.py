@@ -216,3 +216,30 @@ def test_sim_camera_knows_the_simulated_time_of_its_frames(
 class UpperBound(random.Random):
     def uniform(self, a: float, b: float) -> float:
         return b
+
+
+def test_file_removed_while_playing_goes_down_and_comes_back_with_the_file(
+    make_camera: Callable[..., Camera], camera_id: str, clip: Path, tmp_path: Path
+) -> None:
+    path = Path(shutil.copy(clip, tmp_path / "line.mp4"))
+    camera = make_camera(camera_id, str(path), **FAST_RETRY)
+    camera.start()
+    wait_for(lambda: camera.ready, 5.0, "the first frame")
+    path.unlink()
+    removed_at = time.monotonic()
+    wait_for(lambda: camera.status().state != "up", 2.0, "the camera to notice the removal")
+    assert time.monotonic() - removed_at < 1.5  # file_check_s 0.5 + one frame interval
+    status = camera.status()
+    assert status.state in ("down", "connecting") and not camera.ready
+    assert "was removed while playing" in (status.reason or "")
+    assert metric("linewatch_camera_up", camera=camera_id) == 0.0
+    # it keeps retrying with backoff, and says why each retry fails
+    wait_for(lambda: "does not exist" in (camera.status().reason or ""), 2.0, "a failed retry")
+    captured = camera.status().frames_captured
+    time.sleep(0.5)
+    assert camera.status().frames_captured == captured  # nothing from the deleted file
+    assert camera.status().reconnects >= 2
+    shutil.copy(clip, path)
+    wait_for(lambda: camera.ready, 3.0, "the camera to come up once its file is back")
+    assert camera.status().reason is None
+    assert metric("linewatch_camera_up", camera=camera_id) == 1.0

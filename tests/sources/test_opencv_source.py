@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -147,5 +148,62 @@ def test_mjpeg_over_http_delivers_frames_then_reports_the_hang_up(
                 levels.append(int(image.mean().round()))
         assert len(levels) >= 10
         assert levels == sorted(levels) and levels[-1] - levels[0] >= 9  # in order, live
+    finally:
+        source.close()
+
+
+@pytest.fixture
+def own_clip(clip: Path, tmp_path: Path) -> Path:
+    """A copy of the clip this test may delete, replace or truncate."""
+    return Path(shutil.copy(clip, tmp_path / "line.mp4"))
+
+
+def test_file_removed_while_playing_is_noticed(own_clip: Path) -> None:
+    source = opened(str(own_clip), realtime=False, file_check_s=0.1)
+    try:
+        source.read()
+        own_clip.unlink()  # the open descriptor could go on reading it forever
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="was removed while playing"):
+            while time.monotonic() - started < 5.0:
+                source.read()
+        assert time.monotonic() - started < 1.0
+    finally:
+        source.close()
+    with pytest.raises(SourceError, match="does not exist"):
+        source.open()
+
+
+def test_file_removed_is_noticed_at_the_rewind(own_clip: Path) -> None:
+    source = opened(str(own_clip), realtime=False, file_check_s=3600.0)
+    try:
+        for _ in range(CLIP_FRAMES - 1):
+            source.read()
+        own_clip.unlink()
+        source.read()  # the last frame, already buffered
+        with pytest.raises(SourceError, match="was removed while playing"):
+            source.read()  # the end: the rewind looks at the path first
+    finally:
+        source.close()
+
+
+def test_file_replaced_or_truncated_while_playing_is_noticed(
+    own_clip: Path, clip: Path, tmp_path: Path
+) -> None:
+    source = opened(str(own_clip), realtime=False, file_check_s=0.05)
+    try:
+        source.read()
+        shutil.copy(clip, tmp_path / "new.mp4")
+        (tmp_path / "new.mp4").replace(own_clip)  # atomic rename over it
+        time.sleep(0.1)
+        with pytest.raises(SourceError, match="was replaced while playing"):
+            source.read()
+        source.open()  # the new file plays
+        assert source.read().shape == CLIP_SHAPE
+        with own_clip.open("r+b") as f:
+            f.truncate(own_clip.stat().st_size // 2)
+        time.sleep(0.1)
+        with pytest.raises(SourceError, match="was truncated while playing"):
+            source.read()
     finally:
         source.close()
