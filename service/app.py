@@ -50,6 +50,8 @@ from service.pipeline import (
 )
 from service.rules import RuleEngine
 from service.sources import Backoff, Camera, SourceOptions, mask_credentials
+from service.sources.replay import ReplaySource
+from service.sources.spec import open_source
 from service.store import EventStore
 from service.tracking import Tracker
 
@@ -243,16 +245,25 @@ class Runtime:
         self.status = RuntimeStatus(self)
 
     @classmethod
-    def build(cls, config: Config, hub: Hub) -> Runtime:
-        """Parse every source and load every model; nothing runs yet."""
+    def build(cls, config: Config, hub: Hub, *, replay_frames: int = 0) -> Runtime:
+        """Parse every source and load every model; nothing runs yet.
+
+        ``replay_frames`` > 0 (benchmarks): each camera reads that many frames of its
+        source once, then replays them from memory (:class:`ReplaySource`).
+        """
         enabled = [c for c in config.cameras if c.enabled]
-        cameras = {
-            c.id: Camera(
-                c.id, c.source, source_options(c),
-                backoff=Backoff(c.backoff.initial_s, c.backoff.max_s),
+        cameras = {}
+        for c in enabled:
+            options = source_options(c)
+            replay = (
+                ReplaySource(open_source(c.source, options), replay_frames)
+                if replay_frames > 0
+                else None
             )
-            for c in enabled
-        }
+            cameras[c.id] = Camera(
+                c.id, c.source, options,
+                backoff=Backoff(c.backoff.initial_s, c.backoff.max_s), source=replay,
+            )
         models: dict[str, LoadedModel] = {}
         for mod in config.models:
             model = OrtModel(mod.path, inference_config(mod), name=mod.id)

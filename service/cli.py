@@ -251,13 +251,23 @@ def bench(
         str | None,
         typer.Option(help="Also time another runtime on the same model and clip: ultralytics."),
     ] = None,
+    replay_frames: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Frames each camera renders/decodes once and replays from memory "
+            "(0: read the sources live during the run).",
+        ),
+    ] = 90,
 ) -> None:
     """Run the pipeline as fast as it can and compare it with a bare ONNX Runtime loop."""
     import json as _json
 
     from service.bench import run_bench
 
-    result = run_bench(config, cameras=cameras, seconds=seconds, compare=compare)
+    result = run_bench(
+        config, cameras=cameras, seconds=seconds, compare=compare, replay_frames=replay_frames
+    )
     if json_out:
         typer.echo(_json.dumps(result))
     else:

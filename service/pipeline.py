@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -288,6 +289,17 @@ class Predictor(Protocol):
     def predict(self, images: list[ImageArray]) -> list[Detections]: ...
 
 
+class CameraPredictor(Protocol):
+    """A model whose ``per_camera`` is true: its results depend on each image's camera
+    (top-down models with fixed ROIs per camera, service.inference.runner.Predictor)."""
+
+    per_camera: bool
+
+    def predict(
+        self, images: list[ImageArray], *, cameras: Sequence[str | None]
+    ) -> list[Detections]: ...
+
+
 class Publisher(Protocol):
     """Where messages go (service.bus.Hub); ``publish`` must never block."""
 
@@ -516,8 +528,66 @@ class LineTicker:
 # --- the loop ------------------------------------------------------------------
 
 
+Batch = tuple[list[Frame], list[CameraFeed]]
+
+
+class _Handoff:
+    """A short queue of inferred batches between the model thread and the stage thread.
+
+    ``put`` blocks while ``depth`` batches wait (the stages are behind: the model
+    thread stops taking frames and the cameras keep only their newest), but never
+    past ``stop``; ``get`` returns None once closed and drained.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[tuple[Batch, list[Detections]]] = deque()
+        self._depth = max(1, depth)
+        self._closed = False
+
+    def put(self, item: tuple[Batch, list[Detections]], stop: threading.Event) -> bool:
+        with self._cond:
+            while len(self._items) >= self._depth and not self._closed:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def get(self) -> tuple[Batch, list[Detections]] | None:
+        with self._cond:
+            while not self._items and not self._closed:
+                self._cond.wait()
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        with self._cond:
+            self._closed = False
+            self._items.clear()
+
+
 class InferenceLoop:
-    """Runs one model over the newest frames of its cameras, in its own thread."""
+    """Runs one model over the newest frames of its cameras.
+
+    Started, it runs two threads: the model thread takes frames, preprocesses and
+    runs them (ONNX Runtime releases the GIL while it computes), and hands each
+    inferred batch to the stage thread, which tracks, fits poses, judges the rules,
+    builds the messages and publishes them.  So the stages of frame N run while the
+    model computes frame N+1, in order per camera.  ``step`` does both inline (for
+    single-threaded callers and tests).
+    """
 
     def __init__(
         self,
@@ -533,6 +603,7 @@ class InferenceLoop:
         recorder: EventRecorder | None = None,
         idle_wait_s: float = 0.1,
         poll_s: float = 0.004,
+        handoff_depth: int = 2,
     ) -> None:
         if not feeds:
             raise ValueError(f"inference loop for model {model_id!r} has no cameras")
@@ -551,6 +622,8 @@ class InferenceLoop:
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stage_thread: threading.Thread | None = None
+        self._handoff = _Handoff(handoff_depth)
         self._wait_index = 0
         self.batches = 0
         self.errors = 0
@@ -570,19 +643,31 @@ class InferenceLoop:
         if self._thread is not None:
             return
         self._stop.clear()
+        self._handoff.reopen()
+        self._stage_thread = threading.Thread(
+            target=self._run_stages, name=f"stages-{self.model_id}", daemon=True
+        )
+        self._stage_thread.start()
         self._thread = threading.Thread(
             target=self._run, name=f"inference-{self.model_id}", daemon=True
         )
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the in-flight batch has been published."""
+        """Stop taking frames; publish the batches already inferred, then return."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("inference loop %s did not stop within %.1f s", self.model_id, timeout)
             self._thread = None
+        self._handoff.close()
+        if self._stage_thread is not None:
+            self._stage_thread.join(max(0.1, deadline - time.monotonic()))
+            if self._stage_thread.is_alive():
+                log.warning("stages of %s did not drain within %.1f s", self.model_id, timeout)
+            self._stage_thread = None
 
     @property
     def running(self) -> bool:
@@ -596,21 +681,43 @@ class InferenceLoop:
 
     # -- work
 
+    def _failed(self, exc: Exception, what: str) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.exception("inference loop %s failed on %s", self.model_id, what)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.step(self._idle_wait_s)
+                for frames, feeds in self._next_batches(self._idle_wait_s):
+                    results = self._infer(frames)
+                    if not self._handoff.put(((frames, feeds), results), self._stop):
+                        break
             except Exception as exc:  # keep serving the other frames; a bug is logged loudly
-                self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("inference loop %s failed on a batch", self.model_id)
+                self._failed(exc, "a batch")
                 self._stop.wait(1.0)
+
+    def _run_stages(self) -> None:
+        while (item := self._handoff.get()) is not None:
+            (frames, feeds), results = item
+            try:
+                self._publish(frames, results, feeds)
+            except Exception as exc:  # the next batch still gets its stages
+                self._failed(exc, "the stages of a batch")
 
     def step(self, timeout: float = 0.0) -> int:
         """Take the newest frame of each camera, infer, publish; returns frames published.
 
         With no new frame anywhere it waits up to ``timeout`` for one and returns 0.
         """
+        published = 0
+        for frames, feeds in self._next_batches(timeout):
+            self._publish(frames, self._infer(frames), feeds)
+            published += len(frames)
+        return published
+
+    def _next_batches(self, timeout: float) -> list[Batch]:
+        """The newest new frame of each camera, cut into model batches (may be empty)."""
         frames: list[Frame] = []
         feeds: list[CameraFeed] = []
         for feed in self._feeds:
@@ -622,13 +729,11 @@ class InferenceLoop:
         if not frames:
             if timeout > 0:
                 self._wait_for_frame(timeout)
-            return 0
+            return []
         if self._batch_window_s > 0 and len(frames) < len(self._feeds):
             self._fill_batch(frames, feeds)
         n = self._max_batch
-        for start in range(0, len(frames), n):
-            self._infer_and_publish(frames[start : start + n], feeds[start : start + n])
-        return len(frames)
+        return [(frames[i : i + n], feeds[i : i + n]) for i in range(0, len(frames), n)]
 
     def _fill_batch(self, frames: list[Frame], feeds: list[CameraFeed]) -> None:
         """Wait up to the batch window for the cameras that had no new frame."""
@@ -657,13 +762,24 @@ class InferenceLoop:
         self._wait_index += 1
         feed.source.wait(feed.last_seq, min(timeout, self._poll_s))
 
-    def _infer_and_publish(self, frames: list[Frame], feeds: list[CameraFeed]) -> None:
-        results = self._model.predict([f.image for f in frames])
+    def _infer(self, frames: list[Frame]) -> list[Detections]:
+        images = [f.image for f in frames]
+        if getattr(self._model, "per_camera", False):  # fixed ROIs per camera: say whose
+            model = cast(CameraPredictor, self._model)
+            results = model.predict(images, cameras=[f.camera for f in frames])
+        else:
+            results = self._model.predict(images)
         if len(results) != len(frames):
             raise RuntimeError(
                 f"model {self.model_id!r} returned {len(results)} results for {len(frames)} frames"
             )
         self.batches += 1
+        return results
+
+    def _publish(
+        self, frames: list[Frame], results: list[Detections], feeds: list[CameraFeed]
+    ) -> None:
+        """Each frame's stages, message and rule events, in camera order."""
         for frame, detections, feed in zip(frames, results, feeds, strict=True):
             sim_t = feed.sim_time(frame) if feed.sim_time is not None else None
             tracks: Tracks | None = None

@@ -51,6 +51,23 @@ def test_bench_config_copies_the_first_camera_with_new_seeds(config_file: Path) 
     ]
 
 
+def test_bench_config_gives_each_copy_its_own_copy_of_the_first_cameras_line(
+    config_file: Path,
+) -> None:
+    data = yaml.safe_load(config_file.read_text())
+    data["cameras"][0]["line"] = "line-a"
+    data["lines"] = [{"id": "line-a", "cameras": ["a"], "rules": [
+        {"type": "stale_camera", "name": "fresh", "max_age_s": 2.0}]}]
+    config_file.write_text(yaml.safe_dump(data))
+    cfg = bench_config(_config(config_file), cameras=2)
+    assert [c.line for c in cfg.cameras] == ["line-a-bench-1", "line-a-bench-2"]
+    assert [(ln.id, list(ln.cameras)) for ln in cfg.lines] == [
+        ("line-a-bench-1", ["bench-1"]), ("line-a-bench-2", ["bench-2"])
+    ]
+    assert all(ln.rules[0].name == "fresh" for ln in cfg.lines)
+    assert cfg.store.url == "sqlite://"  # the bench's events never touch the real store
+
+
 def test_bench_config_needs_a_camera(config_file: Path) -> None:
     cfg = _config(config_file).model_copy(update={"cameras": []})
     with pytest.raises(ConfigError, match="at least one enabled camera"):
@@ -81,6 +98,15 @@ def test_a_short_real_bench(config_file: Path) -> None:
     assert result["provider"] == "CPUExecutionProvider"
     assert result["peak_rss_mb"] > 10 and result["cpu_percent"] > 0
     assert result["machine"]["logical_cpus"] >= 1 and result["machine"]["onnxruntime"]
+    assert result["sources"] == "replay of 90 frames" and result["capture_ms_per_frame"] > 0
+    assert result["frames_dropped"] == 0  # non-realtime cameras are paced by the model
+
+
+@pytest.mark.slow
+def test_a_live_bench_reads_the_sources_during_the_run(config_file: Path) -> None:
+    result = run_bench(config_file, seconds=1.0, warmup_s=0.3, raw_seconds=0.3, replay_frames=0)
+    assert result["sources"] == "live" and result["capture_ms_per_frame"] is None
+    assert result["frames"] >= 5
 
 
 @pytest.mark.slow

@@ -296,6 +296,43 @@ def test_stop_publishes_the_in_flight_batch(onnx_model, cameras) -> None:
     assert published == slow.calls >= 1
 
 
+class SlowPublisher:
+    """A publisher whose every message costs ``delay_s`` (heavy stages); may fail once."""
+
+    def __init__(self, delay_s: float, fail_first: bool = False) -> None:
+        self.delay_s, self.fail_first = delay_s, fail_first
+        self.messages: list[dict[str, object]] = []
+
+    def publish(self, msg: dict[str, object]) -> None:
+        time.sleep(self.delay_s)
+        if self.fail_first:
+            self.fail_first = False
+            raise RuntimeError("publisher broke once")
+        self.messages.append(msg)
+
+
+@pytest.mark.slow
+def test_the_stages_of_one_frame_run_while_the_model_computes_the_next(
+    onnx_model, cameras
+) -> None:
+    slow = SlowModel(onnx_model(), delay_s=0.1)
+    cam = cameras("cam-a", fps=100.0)
+    _wait_frames(cam)
+    publisher = SlowPublisher(delay_s=0.1, fail_first=True)
+    loop = InferenceLoop(
+        "tiny", slow, slow.model.info.classes, [CameraFeed("cam-a", cam)], publisher
+    )
+    loop.start()
+    time.sleep(2.0)
+    loop.stop()
+    # in series: 0.2 s a frame, <= 10 frames in 2 s; overlapped: ~0.1 s a frame
+    assert len(publisher.messages) >= 14, len(publisher.messages)
+    assert loop.errors == 1 and "publisher broke once" in (loop.last_error or "")
+    seqs = [m["seq"] for m in publisher.messages]
+    assert seqs == sorted(set(seqs))  # in order, once each
+    assert slow.calls == len(publisher.messages) + 1  # the failed one, and all drained
+
+
 def test_a_loop_without_cameras_is_refused(onnx_model) -> None:
     model = onnx_model()
     with pytest.raises(ValueError, match="no cameras"):

@@ -50,8 +50,13 @@ class Camera:
     reconnects (``connecting``, then ``up`` at the first frame).  A non-looping
     file that ends leaves the camera ``stopped``.  Consumers call ``take`` or
     ``wait``; a frame replaced before anyone took it is counted as dropped
-    (reason ``stale``).
+    (reason ``stale``).  A non-realtime camera (``options.realtime`` False: files
+    and sim read as fast as possible) is paced by its consumer instead: it reads
+    the next frame only once the last one was taken, so it drops nothing and
+    spends no CPU on frames nobody would see.
 
+    ``source`` replaces the source that ``spec`` names (e.g. a
+    :class:`~service.sources.replay.ReplaySource` around it, for benchmarks).
     The spec is parsed at construction (a bad spec raises :class:`SourceError`
     at once); reaching the source happens on the thread.
     """
@@ -64,13 +69,16 @@ class Camera:
         *,
         clock: Clock = time,
         backoff: Backoff | None = None,
+        source: FrameSource | None = None,
     ) -> None:
         self.camera_id = camera_id
         self.spec = spec
         self.options = options
         self.source_label = mask_credentials(str(spec))
         self._clock = clock
-        self._source: FrameSource = open_source(spec, options, clock=clock)
+        self._source: FrameSource = (
+            source if source is not None else open_source(spec, options, clock=clock)
+        )
         self._backoff = backoff or Backoff(
             options.backoff_initial_s, options.backoff_max_s, factor=options.backoff_factor
         )
@@ -201,6 +209,8 @@ class Camera:
                     self._source.nominal_fps
                 )
             while not self._stop.is_set():
+                if not self.options.realtime and not self._wait_consumed():
+                    break
                 image = self._source.read()
                 self._deliver(image)
         except EndOfStream as exc:
@@ -214,6 +224,13 @@ class Camera:
         finally:
             self._close_source()
         return False
+
+    def _wait_consumed(self) -> bool:
+        """Consumer pacing (non-realtime): wait until the last frame was taken; False on stop."""
+        while not self._slot.wait_taken(0.1):
+            if self._stop.is_set():
+                return False
+        return not self._stop.is_set()
 
     def _deliver(self, image: ImageArray) -> None:
         now_mono = self._clock.monotonic()

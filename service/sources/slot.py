@@ -55,6 +55,15 @@ class LatestFrameSlot:
             )
             return self._take_locked(after_seq)
 
+    def wait_taken(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until the newest frame was taken (or there is none).
+
+        A consumer-paced source (non-realtime) calls this before it reads the next
+        frame, so that it never produces a frame that would only be dropped.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._taken, timeout=max(0.0, timeout))
+
     def wake(self) -> None:
         """Wake every waiter (they re-check and time out as usual)."""
         with self._cond:
@@ -64,5 +73,7 @@ class LatestFrameSlot:
         frame = self._frame
         if frame is None or frame.seq <= after_seq:
             return None
-        self._taken = True
+        if not self._taken:
+            self._taken = True
+            self._cond.notify_all()  # a consumer-paced producer waits for this
         return frame

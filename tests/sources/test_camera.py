@@ -85,7 +85,8 @@ def test_file_camera_delivers_paced_frames(
 def test_stale_frames_are_dropped_and_counted_never_queued(
     make_camera: Callable[..., Camera], camera_id: str, clip: Path
 ) -> None:
-    camera = make_camera(camera_id, str(clip), realtime=False, loop=False)
+    # paced at 400 fps (2.5 ms a frame), read by a consumer that needs 10 ms a frame
+    camera = make_camera(camera_id, str(clip), realtime=True, fps=400.0, loop=False)
     camera.start()
     taken: list[Frame] = []
     last = -1
@@ -107,6 +108,28 @@ def test_stale_frames_are_dropped_and_counted_never_queued(
     assert metric("linewatch_frames_dropped_total", camera=camera_id, reason="stale") == (
         status.frames_dropped
     )
+
+
+def test_a_non_realtime_camera_is_paced_by_its_consumer_and_drops_nothing(
+    make_camera: Callable[..., Camera], camera_id: str, clip: Path
+) -> None:
+    camera = make_camera(camera_id, str(clip), realtime=False, loop=False)
+    camera.start()
+    seqs: list[int] = []
+    last = -1
+    while camera.status().state != "stopped" or camera.take(last) is not None:
+        frame = camera.wait(last, timeout=0.5)
+        if frame is not None:
+            seqs.append(frame.seq)
+            last = frame.seq
+            time.sleep(0.01)  # a consumer slower than the decoder
+            # the decoder waits for the consumer: never more than one frame ahead
+            assert camera.status().frames_captured <= frame.seq + 2
+    status = camera.status()
+    assert status.state == "stopped" and status.frames_captured == CLIP_FRAMES
+    assert status.frames_dropped == 0
+    assert seqs == list(range(CLIP_FRAMES))  # every frame, in order
+
 
 
 def test_missing_file_goes_down_and_retries_while_others_deliver(

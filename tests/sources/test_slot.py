@@ -63,3 +63,19 @@ def test_wait_wakes_on_a_newer_frame(make_frame: Callable[[int], Frame]) -> None
     timer.join()
     assert frame is not None and frame.seq == 1
     assert time.monotonic() - started < 2.0
+
+
+def test_wait_taken_returns_when_the_consumer_takes_the_frame(
+    make_frame: Callable[[int], Frame],
+) -> None:
+    slot = LatestFrameSlot()
+    assert slot.wait_taken(0.0)  # empty: nothing to wait for
+    slot.put(make_frame(0))
+    started = time.monotonic()
+    assert not slot.wait_taken(0.1)  # not taken: times out
+    assert time.monotonic() - started >= 0.09
+    timer = threading.Timer(0.1, slot.take)
+    timer.start()
+    assert slot.wait_taken(5.0)
+    timer.join()
+    assert slot.dropped == 0
