@@ -25,11 +25,16 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY service ./service
 COPY models ./models
+# onnxruntime-gpu from PyPI: 1.31.x is built for CUDA 13 and cuDNN 9 (its wheel's `cuda`
+# extra asks for nvidia-cuda-runtime~=13.0, nvidia-cudnn-cu13~=9.0); the base image
+# provides those libraries, so the extras are not installed.
+ARG ONNXRUNTIME_GPU_VERSION=1.31.1
 # The runtime only: no [train] extra (torch), no [test] extra. Every dependency is a binary
-# wheel (onnxruntime-gpu for x86_64 Linux links CUDA 13), so no compiler is needed.
+# wheel, so no compiler is needed. The build fails if torch crept in or if the installed
+# onnxruntime lacks the CUDA provider (e.g. the CPU package shadowing the GPU one).
 RUN /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install . \
-    && /opt/venv/bin/python -c "import onnxruntime, service.cli" \
+    && /opt/venv/bin/pip install . "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+    && /opt/venv/bin/python -c "import onnxruntime as ort, service.cli; assert 'CUDAExecutionProvider' in ort.get_available_providers(), ort.get_available_providers()" \
     && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 
 # --- runtime -------------------------------------------------------------------------

@@ -42,8 +42,6 @@ from service.api.schemas import (
 from service.api.views import LatestSnapshot
 from service.bus.hub import Hub, HubClosed
 from service.bus.mqtt import (
-    MQTT_INVALID,
-    MQTT_RECEIVED,
     OFFLINE,
     ONLINE,
     WORKERS,
@@ -62,6 +60,7 @@ from service.bus.mqtt import (
 from service.config import Config
 from service.domain import ClassInfo, Event
 from service.errors import ConfigError
+from service.telemetry.metrics import MQTT_INVALID, MQTT_RECEIVED
 
 log = logging.getLogger(__name__)
 

@@ -43,11 +43,10 @@ from typing import Any, Final, Literal, TypeGuard
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from prometheus_client import Counter, Gauge
 
 from service.config import BusConfig, parse_mqtt_url
 from service.errors import ConfigError
-from service.telemetry.metrics import NAMESPACE
+from service.telemetry.metrics import MQTT_CONNECTED, MQTT_DROPPED, MQTT_SENT
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +60,6 @@ WORKER_TYPE = "worker"
 WorkerStatus = Literal["online", "offline"]
 ONLINE: Final = "online"
 OFFLINE: Final = "offline"
-
-# Metrics of this module (to move into service.telemetry.metrics with the other ones).
-MQTT_CONNECTED = Gauge(
-    "mqtt_connected", "1 while connected to the MQTT broker.", ["role"], namespace=NAMESPACE
-)
-MQTT_DROPPED = Counter(
-    "mqtt_dropped_messages",
-    "Messages not sent to the broker, by type and reason (queue_full: the outgoing queue was "
-    "full; disconnected; unroutable; unencodable).", ["type", "reason"], namespace=NAMESPACE,
-)
-MQTT_SENT = Counter(
-    "mqtt_sent_messages", "Messages handed to the MQTT client, by type.", ["type"],
-    namespace=NAMESPACE,
-)
-MQTT_RECEIVED = Counter(
-    "mqtt_received_messages", "Messages received from the broker, by type.", ["type"],
-    namespace=NAMESPACE,
-)
-MQTT_INVALID = Counter(
-    "mqtt_invalid_messages", "Messages received from the broker that were refused.", ["reason"],
-    namespace=NAMESPACE,
-)
-
 
 # --- topics (pure) ---------------------------------------------------------------
 

@@ -120,3 +120,25 @@ POSE_RESIDUAL = Histogram(
     buckets=(0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05),
     namespace=NAMESPACE,
 )
+
+# --- MQTT (service/bus/mqtt.py, service/remote.py) ---------------------------------
+MQTT_CONNECTED = Gauge(
+    "mqtt_connected", "1 while connected to the MQTT broker.", ["role"], namespace=NAMESPACE
+)
+MQTT_DROPPED = Counter(
+    "mqtt_dropped_messages",
+    "Messages not sent to the broker, by type and reason (queue_full: the outgoing queue was "
+    "full; disconnected; unroutable; unencodable).", ["type", "reason"], namespace=NAMESPACE,
+)
+MQTT_SENT = Counter(
+    "mqtt_sent_messages", "Messages handed to the MQTT client, by type.", ["type"],
+    namespace=NAMESPACE,
+)
+MQTT_RECEIVED = Counter(
+    "mqtt_received_messages", "Messages received from the broker, by type.", ["type"],
+    namespace=NAMESPACE,
+)
+MQTT_INVALID = Counter(
+    "mqtt_invalid_messages", "Messages received from the broker that were refused.", ["reason"],
+    namespace=NAMESPACE,
+)

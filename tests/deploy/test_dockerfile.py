@@ -81,6 +81,19 @@ def test_no_torch_no_train_extra_no_compilers() -> None:
     assert 'import torch' in runs  # the build fails if torch crept in
 
 
+def test_onnxruntime_gpu_is_pinned_to_a_cuda_13_build_and_checked() -> None:
+    """onnxruntime-gpu 1.31.1 is the PyPI release whose wheel declares CUDA 13 / cuDNN 9
+    (checked with `pip install --dry-run --report` on its metadata); the build itself
+    asserts that the CUDA execution provider is in the installed package."""
+    (build,) = [s for s in stages() if "AS build" in s[0][1]]
+    args = dict(a.split("=", 1) for i, a in build if i == "ARG" and "=" in a)
+    version = tuple(int(x) for x in args["ONNXRUNTIME_GPU_VERSION"].split("."))
+    assert len(version) == 3 and version >= (1, 31, 1)
+    runs = " ".join(a for i, a in build if i == "RUN")
+    assert '"onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"' in runs
+    assert "'CUDAExecutionProvider' in ort.get_available_providers()" in runs
+
+
 def test_runs_as_a_non_root_user() -> None:
     users = [a for i, a in stages()[-1] if i == "USER"]
     assert users, "the final stage sets no USER"
