@@ -55,7 +55,7 @@ class LatencyRecorder:
             self._recording = False
 
     def publish(self, msg: Message) -> None:
-        if self._recording:
+        if self._recording and msg.get("type") == "frame":  # not event/state messages
             with self._lock:
                 self.ages_ms.append(float(msg["age_ms"]))
                 self.frames += 1

@@ -76,12 +76,14 @@ def test_bench_config_needs_a_camera(config_file: Path) -> None:
 
 def test_recorder_records_only_while_recording() -> None:
     rec = LatencyRecorder()
-    rec.publish({"age_ms": 5.0})
+    rec.publish({"type": "frame", "age_ms": 5.0})
     rec.begin()
-    rec.publish({"age_ms": 7.0})
-    rec.publish({"age_ms": 9.0})
+    rec.publish({"type": "frame", "age_ms": 7.0})
+    rec.publish({"type": "event", "rule": "belt"})  # events and states have no age
+    rec.publish({"type": "state", "line": "line-1"})
+    rec.publish({"type": "frame", "age_ms": 9.0})
     rec.end()
-    rec.publish({"age_ms": 11.0})
+    rec.publish({"type": "frame", "age_ms": 11.0})
     assert rec.ages_ms == [7.0, 9.0] and rec.frames == 2
 
 
