@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,7 @@ from service.remote import (
     worker_roster,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 Msg = dict[str, Any]
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -257,6 +259,31 @@ def test_each_message_type_has_its_topic_qos_and_retention() -> None:
         "camera": ("linewatch/v1/line-1/cam-1/status", True, True),
         "worker": ("linewatch/v1/workers/w1", True, True),
     }
+
+
+def readme_topics(text: str) -> dict[str, tuple[int, bool]]:
+    """{topic: (qos, retained)} from the topic table of README.md's MQTT section."""
+    section = text.split("## Several machines: MQTT", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| [^|]+ \| (\d) \| (yes|no) \|$", section, re.MULTILINE)
+    return {topic: (int(qos), retained == "yes") for topic, qos, retained in rows}
+
+
+def test_the_readme_documents_every_topic_with_its_qos_and_retention() -> None:
+    """SCADA/MES integrators read the README: its table must be what workers send."""
+    documented = readme_topics((REPO / "README.md").read_text(encoding="utf-8"))
+    topics = Topics()
+    qos = MqttSettings.from_config(BusConfig.model_validate({"url": "mqtt://b:1883"}),
+                                   role="worker", worker_id="w1").qos
+    sent = {}
+    for message in (frame(1), line_state(), event(1),
+                    camera_message("w1", camera_snapshot(), 1.0),
+                    worker_message("w1", "online", [])):
+        route = topics.route(message)
+        assert route is not None
+        generic = (route.topic.replace("/workers/w1", "/workers/<worker-id>")
+                   .replace("/line-1", "/<line>").replace("/cam-1", "/<camera>"))
+        sent[generic] = (qos if route.reliable else 0, route.retain)
+    assert documented == sent
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import yaml
 from websockets.asyncio.client import connect
 
 from tests.api.conftest import _rows
-from tests.bus.test_mqtt import MOSQUITTO, Mosquitto
+from tests.bus.test_mqtt import MOSQUITTO, Listener, Mosquitto
 from tests.e2e.conftest import SHIPPED_MODEL, free_port, linewatch_command
 from tests.inference.onnx_factory import build_model
 
@@ -33,6 +33,7 @@ pytestmark = [
     ),
 ]
 
+STATES = {"RUNNING", "IDLE", "STOPPED", "JAMMED", "FAULT", "UNKNOWN"}
 LWT_BOUND_S = 5.0  # the broker sends a dead client's will as soon as its socket closes
 
 
@@ -130,6 +131,8 @@ def worker_config(broker: Mosquitto, model: Path, worker: str, camera: str, line
                      "source": f"sim://conveyor?seed={seed}&fps=10&width=320&height=240"}],
         "models": [{"id": "parts", "path": str(model), "warmup_runs": 1,
                     "intra_op_threads": 1}],
+        "lines": [{"id": line, "cameras": [camera], "rules": [
+            {"type": "stale_camera", "name": "camera-fresh", "max_age_s": 2.0}]}],
         "bus": {"url": broker.url, "mqtt": {"worker_id": worker, "status_interval_s": 1.0}},
     }
 
@@ -151,7 +154,7 @@ def cameras(api: Proc) -> dict[str, dict[str, Any]]:
 
 
 def test_two_workers_one_api_and_a_killed_worker(broker: Mosquitto, model_path: Path,
-                                                 procs) -> None:
+                                                 procs, request: pytest.FixtureRequest) -> None:
     api = procs("api", {"bus": {"url": broker.url, "mqtt": {"status_interval_s": 1.0}}}, "api")
     w1 = procs("worker", worker_config(broker, model_path, "w1", "cam-a", "line-1", 3), "w1")
     w2 = procs("worker", worker_config(broker, model_path, "w2", "cam-b", "line-2", 4), "w2")
@@ -176,6 +179,40 @@ def test_two_workers_one_api_and_a_killed_worker(broker: Mosquitto, model_path: 
     snapshot = api.get("/api/v1/cameras/cam-b/snapshot.jpg")
     assert snapshot.status_code == 404 and "no images over MQTT" in snapshot.json()["detail"]
 
+    # a SCADA/MES client subscribed to the broker gets what README.md documents: the
+    # retained line states, camera status and worker presence at once, then live frames
+    scada = Listener(broker)
+    request.addfinalizer(scada.close)
+    wanted = {"linewatch/v1/line-1/state", "linewatch/v1/line-2/state",
+              "linewatch/v1/line-1/cam-a/status", "linewatch/v1/line-2/cam-b/status",
+              "linewatch/v1/workers/w1", "linewatch/v1/workers/w2",
+              "linewatch/v1/line-1/cam-a/frames", "linewatch/v1/line-2/cam-b/frames"}
+    heard = scada.collect(lambda g: wanted <= {t for t, *_ in g}, timeout=20)
+    first: dict[str, tuple[dict[str, Any] | None, int, bool]] = {}
+    for topic, message, qos, retain in heard:
+        first.setdefault(topic, (message, qos, retain))
+    for line in ("line-1", "line-2"):
+        message, qos, retain = first[f"linewatch/v1/{line}/state"]
+        assert message is not None and (qos, retain) == (1, True)
+        assert message["v"] == 1 and message["type"] == "state" and message["line"] == line
+        assert message["state"] in STATES
+    for topic, camera in (("linewatch/v1/line-1/cam-a/frames", "cam-a"),
+                          ("linewatch/v1/line-2/cam-b/frames", "cam-b")):
+        message, qos, retain = first[topic]
+        assert message is not None and (qos, retain) == (0, False)
+        assert message["type"] == "frame" and message["camera"] == camera
+        assert "capture_ts" in message and "age_ms" in message
+    message, qos, retain = first["linewatch/v1/line-1/cam-a/status"]
+    assert message is not None and (qos, retain) == (1, True)
+    assert message["type"] == "camera" and message["state"] == "up" and message["worker"] == "w1"
+    message, qos, retain = first["linewatch/v1/workers/w1"]
+    assert message is not None and (qos, retain) == (1, True) and message["status"] == "online"
+    lines = {ln["line"]: ln for ln in api.get("/api/v1/lines").json()}
+    assert set(lines) == {"line-1", "line-2"}
+    assert all(lines[ln]["state"] in STATES for ln in lines), lines
+    events = api.get("/api/v1/events").json()
+    assert {e["line"] for e in events["events"]} == {"line-1", "line-2"}, events
+
     # a worker serves probes and metrics only
     assert w1.get("/healthz").json() == {"status": "ok"}
     assert w1.get("/api/v1/cameras").status_code == 404
@@ -189,6 +226,11 @@ def test_two_workers_one_api_and_a_killed_worker(broker: Mosquitto, model_path: 
         time.sleep(0.05)
     after = cameras(api)
     assert "w1" in after["cam-a"]["reason"] and "last will" in after["cam-a"]["reason"]
+    will = scada.collect(lambda g: any(t == "linewatch/v1/workers/w1" for t, *_ in g))
+    (message, qos, _retain), = [(m, q, r) for t, m, q, r in will
+                                if t == "linewatch/v1/workers/w1"]
+    assert message is not None and qos == 1 and message["status"] == "offline"
+    assert "last will" in message["reason"] and message["cameras"][0]["camera"] == "cam-a"
     assert after["cam-a"]["fps"] == 0.0
     assert after["cam-b"]["state"] == "up"
     ready = api.get("/readyz")
