@@ -9,6 +9,7 @@ engine's.  Evaluators keep only bounded per-track state.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -126,8 +127,34 @@ class Schmitt:
         return self.active
 
 
+class _FrameMemo(threading.local):
+    """Per thread: what the rules of one frame share (positions, zone tests).
+
+    Several rules of a line judge the same tracks with the same units and often the
+    same zone; the memo is keyed on the Tracks object itself (kept referenced, so
+    never confused with a later frame's) and is dropped at the next frame.
+    """
+
+    tracks: Tracks | None = None
+    values: dict[object, measure.F64 | measure.Bool | None]
+
+    def get(self, tracks: Tracks) -> dict[object, measure.F64 | measure.Bool | None]:
+        if self.tracks is not tracks:
+            self.tracks = tracks
+            self.values = {}
+        return self.values
+
+
+_MEMO = _FrameMemo()
+
+
 def _positions(tracks: Tracks, units: str, min_score: float) -> measure.F64 | None:
-    return measure.part_positions(tracks, units, min_score)
+    """Part positions (memoised per frame; the caller must not write into them)."""
+    memo = _MEMO.get(tracks)
+    key = ("positions", units, min_score)
+    if key not in memo:
+        memo[key] = measure.part_positions(tracks, units, min_score)
+    return memo[key]  # type: ignore[return-value]
 
 
 def _in_zone(points: measure.F64, zone: Sequence[tuple[float, float]] | None) -> measure.Bool:
@@ -135,6 +162,19 @@ def _in_zone(points: measure.F64, zone: Sequence[tuple[float, float]] | None) ->
         finite: measure.Bool = np.asarray(np.isfinite(points).all(axis=1), bool)
         return finite
     return measure.points_in_polygon(points, np.asarray(zone, np.float64))
+
+
+def _in_zone_of(
+    tracks: Tracks, units: str, min_score: float, points: measure.F64,
+    zone: Sequence[tuple[float, float]] | None,
+) -> measure.Bool:
+    """``_in_zone`` of the frame's part positions, memoised per frame and zone."""
+    memo = _MEMO.get(tracks)
+    key = ("zone", units, min_score, None if zone is None else tuple(map(tuple, zone)))
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = _in_zone(points, zone)
+    return found  # type: ignore[return-value]
 
 
 class PresenceEvaluator:
@@ -146,8 +186,8 @@ class PresenceEvaluator:
         pos = _positions(tracks, self.rule.units, self.min_score)
         if pos is None:
             return Observation(None, detail={"reason": NO_MM})
-        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone(
-            pos, self.rule.zone
+        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone_of(
+            tracks, self.rule.units, self.min_score, pos, self.rule.zone
         )
         count = int(mask.sum())
         return Observation(
@@ -181,8 +221,8 @@ class PositionEvaluator:
         pos = _positions(tracks, self.rule.units, self.min_score)
         if pos is None:
             return Observation(None, detail={"reason": NO_MM})
-        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone(
-            pos, self.rule.zone
+        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone_of(
+            tracks, self.rule.units, self.min_score, pos, self.rule.zone
         )
         mask &= _residual_ok(tracks, self.rule.max_residual_mm)
         pts = self._points(tracks, pos)
@@ -220,8 +260,8 @@ class OrientationEvaluator:
         if pos is None or tracks.poses is None:
             return Observation(None, detail={"reason": "no part poses (calibrate the camera)"})
         theta = np.asarray(tracks.poses, np.float64).reshape(len(tracks), 3)[:, 2]
-        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone(
-            pos, self.rule.zone
+        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone_of(
+            tracks, self.rule.units, self.min_score, pos, self.rule.zone
         )
         mask &= np.isfinite(theta) & _residual_ok(tracks, self.rule.max_residual_mm)
         err = measure.angle_error_deg(theta[mask], self.rule.target_deg, self.rule.symmetry_deg)
@@ -320,8 +360,8 @@ class ConveyorEvaluator:
         if pos is None or vel is None:
             return Observation(None, detail={"reason": NO_MM}, mode="unknown")
         velocity = np.asarray(vel, np.float64).reshape(len(tracks), 2)
-        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone(
-            pos, self.rule.zone
+        mask = measure.class_mask(tracks.detections.class_ids, self.classes) & _in_zone_of(
+            tracks, self.rule.units, self.min_score, pos, self.rule.zone
         )
         mask &= np.isfinite(velocity).all(axis=1)
         parts = int(mask.sum())

@@ -24,12 +24,15 @@ def points_in_polygon(points: F64, polygon: F64) -> Bool:
     """
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     poly = np.asarray(polygon, np.float64).reshape(-1, 2)
+    if not len(pts):
+        return np.zeros(0, bool)
     x, y = pts[:, 0:1], pts[:, 1:2]  # (N, 1)
     x0, y0 = poly[:, 0], poly[:, 1]  # (M,)
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    straddles = (y0 > y) != (y1 > y)  # (N, M)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x_cross = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    nxt = np.concatenate((poly[1:], poly[:1]))  # each edge's end point
+    x1, y1 = nxt[:, 0], nxt[:, 1]
+    straddles = (y0 > y) != (y1 > y)  # (N, M); a horizontal edge never straddles
+    dy = np.where(y1 == y0, 1.0, y1 - y0)
+    x_cross = x0 + (y - y0) * ((x1 - x0) / dy)
     hits = straddles & (x < x_cross)
     inside: Bool = (np.count_nonzero(hits, axis=1) % 2 == 1) & np.isfinite(pts).all(axis=1)
     return inside
@@ -83,7 +86,9 @@ def class_mask(class_ids: npt.NDArray[np.int32], wanted: Sequence[int]) -> Bool:
     """(N,) tracks whose class is in ``wanted`` (empty: every class)."""
     if not wanted:
         return np.ones(len(class_ids), bool)
-    mask: Bool = np.isin(class_ids, np.asarray(wanted, np.int32))
+    mask: Bool = class_ids == wanted[0]
+    for c in wanted[1:]:  # a few classes: cheaper than np.isin on a few tracks
+        mask |= class_ids == c
     return mask
 
 
