@@ -34,9 +34,10 @@ from service.api.schemas import (
 from service.api.views import LatestSnapshot
 from service.config import CameraConfig, Config, ModelConfig
 from service.domain import ClassInfo, Frame
-from service.errors import ConfigError
+from service.errors import ConfigError, ModelError
 from service.geometry import Homography, PoseEstimator
-from service.inference import InferenceConfig, OrtModel
+from service.inference import InferenceConfig
+from service.inference.runner import Predictor
 from service.pipeline import (
     CameraFeed,
     CameraStages,
@@ -105,7 +106,41 @@ def inference_config(mod: ModelConfig) -> InferenceConfig:
         inter_op_threads=mod.inter_op_threads,
         warmup_runs=mod.warmup_runs,
         score_threshold=mod.score_threshold,
+        max_detections=mod.max_detections,
     )
+
+
+def load_predictors(config: Config, ids: Sequence[str] | None = None) -> dict[str, Predictor]:
+    """Load the models ``ids`` (default: all) with their adapters, and the detectors their
+    ROIs name (each model once; a detector before the models that use it).
+
+    Raises :class:`ModelError` when a file cannot be loaded or does not fit its forced
+    adapter (the message names the model id).
+    """
+    loaded: dict[str, Predictor] = {}
+
+    def load(model_id: str, chain: tuple[str, ...]) -> Predictor:
+        if model_id in loaded:
+            return loaded[model_id]
+        if model_id in chain:
+            raise ConfigError(f"model detectors form a cycle: {' -> '.join([*chain, model_id])}")
+        mod = config.model(model_id)
+        settings = mod.adapter.resolved()
+        detector = (
+            load(settings.roi.detector, (*chain, model_id))
+            if settings.roi.detector is not None else None
+        )
+        try:
+            predictor = Predictor(mod.path, inference_config(mod), settings, detector,
+                                  name=mod.id)
+        except ModelError as exc:
+            raise ModelError(f"Model {model_id!r}: {exc}") from exc
+        loaded[model_id] = predictor
+        return predictor
+
+    for model_id in ids if ids is not None else [m.id for m in config.models]:
+        load(model_id, ())
+    return loaded
 
 
 def masked_config(config: Config) -> dict[str, Any]:
@@ -207,7 +242,7 @@ def _sim_time_of(camera: Camera) -> Callable[[Frame], float | None] | None:
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     config: ModelConfig
-    model: OrtModel
+    model: Predictor
     cameras: tuple[str, ...]
     max_batch: int
 
@@ -265,17 +300,20 @@ class Runtime:
                 backoff=Backoff(c.backoff.initial_s, c.backoff.max_s), source=replay,
             )
         models: dict[str, LoadedModel] = {}
+        predictors = load_predictors(config)
         for mod in config.models:
-            model = OrtModel(mod.path, inference_config(mod), name=mod.id)
+            model = predictors[mod.id]
             info = model.info
-            max_batch = mod.max_batch if info.dynamic_batch else (info.fixed_batch or 1)
+            # A top-down model runs every frame's crops in chunks of its batch size itself.
+            batches_frames = info.dynamic_batch or model.top_down
+            max_batch = mod.max_batch if batches_frames else (info.fixed_batch or 1)
             models[mod.id] = LoadedModel(
                 mod, model, tuple(c.id for c in enabled if c.model == mod.id), max_batch
             )
         latest = LatestFrames()
 
         def classes_of(cam_id: str) -> Sequence[ClassInfo]:
-            return models[config.model_for(cam_id).id].model.info.classes
+            return models[config.model_for(cam_id).id].model.classes
 
         engines = build_engines(config, classes_of)
         store = (
@@ -287,13 +325,13 @@ class Runtime:
         for loaded in models.values():
             if not loaded.cameras:
                 continue
-            info = loaded.model.info
+            info, classes = loaded.model.info, loaded.model.classes
             feeds = [
                 CameraFeed(
                     cam_id, cameras[cam_id], line=config.camera(cam_id).line,
                     sim_time=_sim_time_of(cameras[cam_id]),
                     stages=camera_stages(
-                        config.camera(cam_id), info.classes, info.metadata,
+                        config.camera(cam_id), classes, info.metadata,
                         _engine_of(engines, cam_id, config.camera(cam_id).line),
                     ),
                 )
@@ -301,7 +339,7 @@ class Runtime:
             ]
             loops.append(
                 InferenceLoop(
-                    loaded.config.id, loaded.model, info.classes, feeds, hub,
+                    loaded.config.id, loaded.model, classes, feeds, hub,
                     max_batch=loaded.max_batch,
                     batch_window_s=loaded.config.batch_window_ms / 1000.0, latest=latest,
                     recorder=recorder,
@@ -406,9 +444,9 @@ class RuntimeStatus:
                             id=i, name=c.name, keypoints=list(c.keypoint_names),
                             skeleton=[(int(a), int(b)) for a, b in c.skeleton],
                         )
-                        for i, c in enumerate(info.classes)
+                        for i, c in enumerate(loaded.model.classes)
                     ],
-                    keypoints=info.num_keypoints,
+                    keypoints=loaded.model.adapter.num_keypoints,
                     inputs=[
                         TensorSnapshot(name=t.name, shape=list(t.shape), dtype=t.dtype)
                         for t in info.inputs
@@ -444,7 +482,7 @@ class RuntimeStatus:
     def classes(self, camera_id: str) -> tuple[ClassInfo, ...]:
         model_id = self._rt.config.camera(camera_id).model
         loaded = self._rt.models.get(model_id or "")
-        return loaded.model.info.classes if loaded else ()
+        return loaded.model.classes if loaded else ()
 
     def effective_config(self) -> dict[str, Any]:
         return masked_config(self._rt.config)

@@ -84,18 +84,42 @@ def sim_render(
 @model_app.command("inspect")
 @friendly_errors
 def model_inspect(
-    path: Annotated[Path, typer.Argument(help="An ONNX model file.")],
+    path: Annotated[
+        Path | None, typer.Argument(help="An ONNX model file (default: the config entry's).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="LineWatch YAML whose model entry has the adapter."),
+    ] = None,
+    model_id: Annotated[
+        str | None, typer.Option("--model-id", help="Which model entry of the config.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print what LineWatch reads from a model: inputs, outputs, metadata, its adapter.
 
-    Exits 1 when no adapter accepts the model (the report says why).
+    With --config, the entry's adapter settings apply (a forced adapter, input
+    overrides), as linewatch serve applies them. Exits 1 when the model is refused
+    (the report says why).
     """
     import json
 
+    from service.inference.adapter_config import AdapterConfig
     from service.inference.report import inspect_model, render_inspection
 
-    report = inspect_model(path)
+    settings, source = AdapterConfig(), None
+    if config is not None:
+        from service.config import load_config
+        from service.predict import pick_model
+
+        mod = pick_model(load_config(config, check_files=False), model_id, path, str(config))
+        settings, source = mod.adapter.resolved(), f"{config} (model {mod.id!r})"
+        path = path or mod.path
+    elif model_id is not None:
+        raise typer.BadParameter("--model-id needs --config")
+    if path is None:
+        raise typer.BadParameter("give a model file, or --config with --model-id")
+    report = inspect_model(path, settings, source)
     typer.echo(json.dumps(report, indent=2) if as_json else render_inspection(report))
     if report["adapter"] is None:
         raise typer.Exit(code=1)
@@ -449,14 +473,18 @@ def predict(
     import json as _json
     import sys
 
-    from service.predict import load_predictor, predict_files
+    from service.predict import predict_files, prepare
 
-    predictor = load_predictor(model, config, model_id, score_threshold, adapter)
+    setup = prepare(model, config, model_id, score_threshold, adapter, camera)
+    predictor = setup.predictor
+    entry = f" (config entry {setup.model_id!r})" if setup.model_id else ""
+    rois = f"; ROIs of camera {setup.camera!r}" if setup.camera and predictor.top_down else ""
     typer.echo(
-        f"model {predictor.path}: adapter {predictor.adapter.name} ({predictor.adapter_reason})",
+        f"model {predictor.path}{entry}: adapter {predictor.adapter.name} "
+        f"({predictor.adapter_reason}){rois}",
         err=True,
     )
-    for record in predict_files(predictor, inputs, camera, batch):
+    for record in predict_files(predictor, inputs, setup.camera, batch):
         sys.stdout.write(_json.dumps(record) + "\n")
     sys.stdout.flush()
 

@@ -48,6 +48,7 @@ from pydantic import (
 
 from service.errors import ConfigError
 from service.geometry.calibration import CalibrationConfig
+from service.inference.adapter_config import AdapterSpec, AutoSpec, tag_adapter
 from service.rules.config import LineConfig
 from service.tracking.config import TrackerConfig
 
@@ -228,10 +229,16 @@ class ModelConfig(_Section):
     intra_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime's default")
     inter_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime's default")
     score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    iou_threshold: float = Field(default=0.45, gt=0.0, le=1.0)
+    max_detections: int | None = Field(
+        default=None, ge=1, description="keep at most this many instances per frame"
+    )
     max_batch: int = Field(default=8, ge=1, le=256)
     batch_window_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
     warmup_runs: int = Field(default=3, ge=0, le=1000)
+    adapter: Annotated[AdapterSpec, BeforeValidator(tag_adapter)] = Field(
+        default_factory=AutoSpec,
+        description="auto (from the file) or a forced adapter with its settings (docs/models.md)",
+    )
 
     @field_validator("id")
     @classmethod
@@ -525,6 +532,7 @@ def cross_check(data: Any, base_dir: Path | None, *, check_files: bool) -> list[
             problems.append((("cameras", i, "model"), f"unknown model {ref!r} (models: {known})"))
 
     problems.extend(_check_lines(data, cameras, unique_ids))
+    problems.extend(_check_adapters(models, cameras, model_ids))
 
     if check_files:
         for i, mod in enumerate(models):
@@ -534,7 +542,95 @@ def cross_check(data: Any, base_dir: Path | None, *, check_files: bool) -> list[
                 if not path.is_file():
                     what = "is not a file" if path.exists() else "not found"
                     problems.append((("models", i, "path"), f"model file {what}: {path}"))
+                else:
+                    problems.extend(_check_adapter_fits(("models", i, "adapter"), mod, path))
     return problems
+
+
+def _adapter_section(mod: Any) -> Mapping[str, Any]:
+    raw = tag_adapter(mod.get("adapter")) if isinstance(mod, Mapping) else None
+    return raw if isinstance(raw, Mapping) else {}
+
+
+def _check_adapters(
+    models: list[Any], cameras: list[Any], model_ids: list[str]
+) -> list[tuple[Loc, str]]:
+    """ROIs: a detector is another configured model (no cycles); per-camera boxes name
+    cameras that run the model, and every camera that runs it has boxes."""
+    problems: list[tuple[Loc, str]] = []
+    detector_of: dict[str, str] = {}
+    for i, mod in enumerate(models):
+        roi = _adapter_section(mod).get("roi")
+        if not isinstance(roi, Mapping) or not isinstance(mod, Mapping):
+            continue
+        mid = str(mod.get("id"))
+        det = roi.get("detector")
+        if isinstance(det, str):
+            loc: Loc = ("models", i, "adapter", "roi", "detector")
+            if det == mid:
+                problems.append((loc, f"model {mid!r} cannot be its own detector"))
+            elif det not in model_ids:
+                problems.append((loc, f"unknown model {det!r} (models: {', '.join(model_ids)})"))
+            else:
+                detector_of[mid] = det
+        boxes = roi.get("boxes")
+        if not isinstance(boxes, Mapping):
+            continue
+        users = [
+            (j, str(cam.get("id"))) for j, cam in enumerate(cameras)
+            if isinstance(cam, Mapping) and cam.get("enabled", True) is not False
+            and str(cam.get("model") or (model_ids[0] if len(model_ids) == 1 else "")) == mid
+        ]
+        user_ids = {cam for _, cam in users}
+        for cam in boxes if cameras else ():  # a models-only file (linewatch predict) names any
+            if cam != "*" and str(cam) not in user_ids:
+                problems.append((
+                    ("models", i, "adapter", "roi", "boxes", str(cam)),
+                    f"camera {cam!r} does not run model {mid!r} (its cameras: "
+                    f"{', '.join(sorted(user_ids)) or 'none'}); use a camera id or '*'",
+                ))
+        if "*" not in boxes:
+            for j, cam in users:
+                if cam not in boxes:
+                    problems.append((
+                        ("cameras", j, "model"),
+                        f"model {mid!r} has fixed ROIs per camera (adapter.roi.boxes) but none "
+                        f"for {cam!r}: add adapter.roi.boxes.{cam} (or '*' for every camera)",
+                    ))
+    for i, mod in enumerate(models):
+        mid = str(mod.get("id")) if isinstance(mod, Mapping) else ""
+        seen = [mid]
+        while seen[-1] in detector_of:
+            nxt = detector_of[seen[-1]]
+            if nxt in seen:
+                problems.append((
+                    ("models", i, "adapter", "roi", "detector"),
+                    f"detectors form a cycle: {' -> '.join([*seen, nxt])}",
+                ))
+                break
+            seen.append(nxt)
+    return problems
+
+
+def _check_adapter_fits(loc: Loc, mod: Mapping[str, Any], path: Path) -> list[tuple[Loc, str]]:
+    """A forced adapter must fit the model file (read with onnx, no session)."""
+    from pydantic import ValidationError as _Invalid
+
+    from service.errors import ModelError
+    from service.inference.adapter_config import parse_adapter_spec
+    from service.inference.adapters import check_adapter_fits
+
+    try:
+        spec = parse_adapter_spec(mod.get("adapter"))
+    except _Invalid:
+        return []  # reported by the validation of the section itself
+    if spec.kind == "auto":
+        return []
+    try:
+        check_adapter_fits(path, spec.resolved())
+    except ModelError as exc:
+        return [(loc, str(exc))]
+    return []
 
 
 def _check_lines(
@@ -845,28 +941,43 @@ def default_config_text() -> str:
 
 
 def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The model class at ``loc``; a tagged union's member is picked by the tag in ``loc``."""
     cls: type[BaseModel] = Config
+    members: list[type[BaseModel]] = []
     for part in loc:
         if isinstance(part, int):
+            continue
+        tagged = [m for m in members if part in _tags_of(m)]
+        if tagged:
+            cls, members = tagged[0], []
             continue
         info = cls.model_fields.get(part)
         if info is None:
             info = next((f for f in cls.model_fields.values() if f.alias == part), None)
-        found = _find_model(info.annotation) if info is not None else None
-        if found is None:
+        found = _find_models(info.annotation) if info is not None else []
+        if not found:
             return None
-        cls = found
+        cls, members = found[0], found if len(found) > 1 else []
     return cls
 
 
-def _find_model(tp: Any) -> type[BaseModel] | None:
+def _tags_of(model: type[BaseModel]) -> set[str]:
+    """The discriminator values (``type``/``kind`` literals) a union member answers to."""
+    tags: set[str] = set()
+    for name in ("type", "kind"):
+        info = model.model_fields.get(name)
+        if info is not None:
+            tags.update(str(a) for a in get_args(info.annotation))
+    return tags
+
+
+def _find_models(tp: Any) -> list[type[BaseModel]]:
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return tp
+        return [tp]
+    found: list[type[BaseModel]] = []
     for arg in get_args(tp):
-        found = _find_model(arg)
-        if found is not None:
-            return found
-    return None
+        found.extend(m for m in _find_models(arg) if m not in found)
+    return found
 
 
 def _message(err: Mapping[str, Any]) -> str:
@@ -907,6 +1018,28 @@ def _origin_of(
         if prefix in lines:
             return file_origin, lines[prefix]
     return file_origin, None
+
+
+def _untagged(loc: Loc, data: Any) -> Loc:
+    """``loc`` without the tags pydantic adds for a tagged union member (``...adapter.simcc.nms``
+    -> ``...adapter.nms``), so that it names keys of the YAML document."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping) and part not in node and (
+            part in (node.get("type"), node.get("kind")) or part == "auto"
+        ):
+            continue
+        if isinstance(node, str) and part == node.strip().lower():  # adapter: regression
+            continue
+        out.append(part)
+        if isinstance(node, Mapping):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
 
 
 @dataclass
@@ -966,7 +1099,7 @@ def check_config(
     issues = [*parsed.issues, *issues]
 
     def locate(loc: Loc, message: str) -> ConfigIssue:
-        where, line = _origin_of(loc, parsed.lines, env_paths, origin)
+        where, line = _origin_of(_untagged(loc, data), parsed.lines, env_paths, origin)
         return ConfigIssue(where, line, format_loc(loc), message)
 
     issues += [

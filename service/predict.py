@@ -15,73 +15,118 @@ section; a ``roi.detector`` there names another model entry of the same file.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import yaml
+from pydantic import ValidationError
 
 from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ConfigError, SourceError
-from service.inference.adapter_config import AdapterConfig
+from service.inference.adapter_config import AdapterSpec, parse_adapter_spec
 from service.inference.config import InferenceConfig
 from service.inference.runner import Predictor
+
+if TYPE_CHECKING:
+    from service.config import Config, ModelConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def _model_entries(config_path: Path) -> list[dict[str, Any]]:
-    try:
-        data = yaml.safe_load(config_path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"Cannot read config {str(config_path)!r}: {exc}") from exc
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-        raise ConfigError(f"Config {str(config_path)!r} has no 'models:' list of model entries.")
-    return models
-
-
-def _pick(entries: list[dict[str, Any]], model_id: str | None, model: Path | None,
-          base: Path, where: str) -> dict[str, Any]:
+def pick_model(
+    config: Config, model_id: str | None, model: Path | None, where: str
+) -> ModelConfig:
+    """The model entry: by id, else the one whose path is ``model``, else the only one."""
     if model_id is not None:
-        for e in entries:
-            if e.get("id") == model_id:
-                return e
-        ids = ", ".join(str(e.get("id")) for e in entries)
-        raise ConfigError(f"{where}: no model with id {model_id!r} (ids: {ids}).")
+        try:
+            return config.model(model_id)
+        except KeyError:
+            ids = ", ".join(m.id for m in config.models) or "none"
+            raise ConfigError(f"{where}: no model with id {model_id!r} (ids: {ids}).") from None
     if model is not None:
-        for e in entries:
-            if "path" in e and (base / str(e["path"])).resolve() == model.resolve():
-                return e
-    if len(entries) == 1:
-        return entries[0]
-    raise ConfigError(f"{where} has {len(entries)} models; choose one with --model-id.")
+        for mod in config.models:
+            if mod.path.resolve() == model.resolve():
+                return mod
+    if len(config.models) == 1:
+        return config.models[0]
+    raise ConfigError(
+        f"{where} has {len(config.models)} models "
+        f"({', '.join(m.id for m in config.models) or 'none'}); choose one with --model-id."
+    )
 
 
-def _settings(entry: dict[str, Any], base: Path, where: str) -> tuple[
-    Path | None, InferenceConfig, AdapterConfig
-]:
-    from pydantic import ValidationError
-
-    from service.config import ORT_PROVIDERS, ModelConfig
-
-    rest = {k: v for k, v in entry.items() if k != "adapter"}
-    rest.setdefault("path", "unset.onnx")
+def _forced(spec: AdapterSpec, kind: str, where: str) -> AdapterSpec:
+    """The config entry's adapter section with its kind replaced by ``--adapter``."""
+    data = {**spec.model_dump(exclude_defaults=True), "kind": kind}
     try:
-        mod = ModelConfig.model_validate(rest, context={"base_dir": base})
-        adapter = AdapterConfig.model_validate(entry.get("adapter"))
+        return parse_adapter_spec(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: model {entry.get('id')!r}: {exc}") from exc
-    providers: str | list[str] = (
-        "auto" if mod.providers == "auto" else [ORT_PROVIDERS[p] for p in mod.providers]
-    )
-    inference = InferenceConfig(
-        providers=providers, intra_op_threads=mod.intra_op_threads,
-        inter_op_threads=mod.inter_op_threads, warmup_runs=0,
-        score_threshold=mod.score_threshold,
-    )
-    return (mod.path if "path" in entry else None), inference, adapter
+        problems = "; ".join(
+            f"adapter.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{where}: --adapter {kind} does not go with the entry's settings "
+                          f"({problems}).") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class PredictSetup:
+    """The loaded model, the camera whose ROIs apply, and the config entry (if any)."""
+
+    predictor: Predictor
+    camera: str | None
+    model_id: str | None
+
+
+def prepare(
+    model: Path | None,
+    config: Path | None = None,
+    model_id: str | None = None,
+    score_threshold: float | None = None,
+    adapter: str | None = None,
+    camera: str | None = None,
+) -> PredictSetup:
+    """The model as ``predict`` runs it: CLI options over the config entry's settings.
+
+    With a config, the entry is loaded by the real config loader (so the file is
+    checked as ``linewatch serve`` checks it) and its detector, if its ROIs name one,
+    is loaded too; with per-camera ROIs and no ``camera``, the first camera that runs
+    the model is used.
+    """
+    if config is None:
+        if model is None:
+            raise ConfigError("linewatch predict needs --model (or --config with --model-id).")
+        try:
+            settings = parse_adapter_spec(adapter or "auto").resolved()
+        except ValidationError as exc:
+            raise ConfigError(
+                f"--adapter {adapter}: {exc.errors()[0]['msg']}. Adapters that need settings "
+                "(regression: an output spec; fixed ROIs) need a config entry (--config)."
+            ) from exc
+        inference = InferenceConfig(warmup_runs=0, score_threshold=score_threshold)
+        return PredictSetup(Predictor(model, inference, settings), camera, None)
+    from service.app import load_predictors
+    from service.config import load_config
+
+    cfg = load_config(config, check_files=False)
+    where = f"config {str(config)!r}"
+    mod = pick_model(cfg, model_id, model, where)
+    update: dict[str, Any] = {"warmup_runs": 0}
+    if model is not None:
+        update["path"] = model
+    if score_threshold is not None:
+        update["score_threshold"] = score_threshold
+    if adapter is not None:
+        update["adapter"] = _forced(mod.adapter, adapter, where)
+    entry = mod.model_copy(update=update)
+    models = [entry if m.id == mod.id else m.model_copy(update={"warmup_runs": 0})
+              for m in cfg.models]
+    cfg = cfg.model_copy(update={"models": models})
+    predictor = load_predictors(cfg, [mod.id])[mod.id]
+    if camera is None and predictor.per_camera:
+        camera = next((c.id for c in cfg.cameras if c.enabled and c.model == mod.id), None)
+    return PredictSetup(predictor, camera, mod.id)
 
 
 def load_predictor(
@@ -91,33 +136,8 @@ def load_predictor(
     score_threshold: float | None = None,
     adapter: str | None = None,
 ) -> Predictor:
-    """The model as ``predict`` runs it: CLI options over the config entry's settings."""
-    if config is None:
-        if model is None:
-            raise ConfigError("linewatch predict needs --model (or --config with --model-id).")
-        settings = AdapterConfig.model_validate(adapter or "auto")
-        return Predictor(model, InferenceConfig(warmup_runs=0, score_threshold=score_threshold),
-                         settings)
-    base = config.resolve().parent
-    where = f"config {str(config)!r}"
-    entries = _model_entries(config)
-    entry = _pick(entries, model_id, model, base, where)
-    path, inference, settings = _settings(entry, base, where)
-    if score_threshold is not None:
-        inference = inference.model_copy(update={"score_threshold": score_threshold})
-    if adapter is not None:
-        settings = settings.model_copy(update={"kind": adapter})
-    detector = None
-    if settings.roi.detector is not None:
-        det_entry = _pick(entries, settings.roi.detector, None, base, where)
-        det_path, det_inf, det_settings = _settings(det_entry, base, where)
-        if det_path is None:
-            raise ConfigError(f"{where}: detector model {settings.roi.detector!r} has no path.")
-        detector = Predictor(det_path, det_inf, det_settings, name=settings.roi.detector)
-    chosen = model or path
-    if chosen is None:
-        raise ConfigError(f"{where}: model {entry.get('id')!r} has no path; give --model.")
-    return Predictor(chosen, inference, settings, detector, name=entry.get("id"))
+    """The model as ``predict`` runs it (see :func:`prepare`)."""
+    return prepare(model, config, model_id, score_threshold, adapter).predictor
 
 
 def read_inputs(paths: Sequence[Path]) -> Iterator[tuple[Path, int, ImageArray]]:

@@ -197,3 +197,93 @@ def test_a_camera_its_line_does_not_list_is_not_judged(tmp_path: Path) -> None:
         assert feed.stages is not None and feed.stages.engine is None
     finally:
         runtime.stop()
+
+
+# --- bring your own model: a top-down model on fixed ROIs per camera --------------------
+
+SHARED = Path(__file__).resolve().parents[1] / "../shared/data"
+MOVENET = SHARED / "models" / "movenet" / "movenet_singlepose_lightning_int8_4_dequant.onnx"
+CLIP = SHARED / "videos" / "intel_worker-zone-detection_preview_h264.mp4"  # 480x270, a worker
+COCO17 = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+          "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+          "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"]
+MOVENET_CONFIG = f"""
+cameras:
+  - {{id: cam-a, source: "{CLIP}", model: movenet, realtime: false}}
+  - {{id: cam-b, source: "{CLIP}", model: movenet, realtime: false}}
+models:
+  - id: movenet
+    path: {MOVENET}
+    score_threshold: 0.0
+    warmup_runs: 1
+    adapter:
+      kind: regression
+      input: {{layout: NHWC, color: RGB, dtype: uint8, normalization: in-graph, resize: stretch}}
+      output:
+        coords: normalized
+        axis_order: yx
+        class_name: person
+        keypoint_names: {COCO17}
+      roi:
+        boxes:
+          cam-a: [[120, 20, 360, 260]]
+          cam-b: [[0, 0, 240, 135], [240, 135, 479, 269]]
+store: {{url: "sqlite://"}}
+"""
+needs_movenet = pytest.mark.skipif(
+    not MOVENET.exists() or not CLIP.exists(),
+    reason="../shared/data (MoveNet model, worker-zone clip) is absent",
+)
+
+
+@needs_movenet
+def test_runtime_runs_a_top_down_model_on_each_cameras_rois(tmp_path: Path) -> None:
+    path = tmp_path / "movenet.yaml"
+    path.write_text(MOVENET_CONFIG)
+    config = load_config(path, env={})
+    hub = Hub()
+    sub = hub.subscribe(types={"frame"}, maxsize=10_000)
+    runtime = Runtime.build(config, hub)
+    (model,) = runtime.status.models()
+    assert model.classes[0].name == "person" and model.classes[0].keypoints == COCO17
+    assert model.keypoints == 17
+    assert runtime.models["movenet"].model.adapter_reason.startswith("forced by config")
+    runtime.start()
+    seen: dict[str, list[dict]] = {"cam-a": [], "cam-b": []}
+    try:
+        deadline = time.monotonic() + 30
+        while min(len(v) for v in seen.values()) < 3:
+            assert time.monotonic() < deadline, {k: len(v) for k, v in seen.items()}
+            msg = sub.get_blocking(1.0)
+            if msg is not None:
+                seen[msg["camera"]].append(msg)
+    finally:
+        runtime.stop()
+    for msg in seen["cam-a"]:
+        (inst,) = msg["instances"]  # one ROI on cam-a
+        assert inst["class"] == "person" and list(inst["keypoints"]) == COCO17
+        assert np.allclose(inst["box"], [120, 20, 360, 260], atol=1.0)  # the ROI (tracked)
+        nose = inst["keypoints"]["nose"]
+        assert 120 <= nose["x"] <= 360 and 20 <= nose["y"] <= 260  # in the ROI, frame px
+        assert 0.0 <= nose["score"] <= 1.0
+    for msg in seen["cam-b"]:  # two ROIs on cam-b
+        boxes = sorted(i["box"] for i in msg["instances"])
+        assert np.allclose(boxes, [[0, 0, 240, 135], [240, 135, 479, 269]], atol=1.0)
+
+
+@needs_movenet
+def test_a_forced_adapter_that_does_not_fit_is_refused_at_load(tmp_path: Path) -> None:
+    text = MOVENET_CONFIG.replace("kind: regression", "kind: simcc").replace(
+        "      output:\n        coords: normalized\n        axis_order: yx\n",
+        "      output:\n")
+    path = tmp_path / "wrong.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:  # config check reads the file: line and reason
+        load_config(path, env={})
+    message = str(info.value)
+    assert f"{path}:10: models[0].adapter: " in message
+    assert "does not fit the configured adapter 'simcc'" in message
+    assert "1 outputs, expected 2 (simcc_x, simcc_y)" in message
+    config = load_config(path, env={}, check_files=False)  # and loading the model refuses it
+    with pytest.raises(ModelError, match="does not fit the configured adapter 'simcc'"):
+        Runtime.build(config, Hub())

@@ -558,3 +558,102 @@ def test_the_default_config_has_a_calibrated_line_per_sim_camera() -> None:
         px = (scene.homography @ np.column_stack([mm, np.ones(3)]).T).T
         px = px[:, :2] / px[:, 2:]
         assert np.allclose(h.px_to_mm(px), mm, atol=0.01)  # the sim's true homography
+
+
+# --- models[].adapter (docs/models.md) ---------------------------------------------------
+
+
+def test_adapter_short_and_long_forms_resolve(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - {id: a, path: m.onnx, adapter: ultralytics}
+          - id: b
+            path: m.onnx
+            adapter: {kind: ultralytics, nms: {iou: 0.5, max_det: 10}}
+          - {id: c, path: m.onnx}
+          - {id: d, path: m.onnx, adapter: {roi: {boxes: [[0, 0, 10, 10]]}}}
+        cameras: [{id: cam-1, source: "sim://conveyor", model: c}]
+    """)
+    config = load_config(path, env={}, check_files=False)
+    a, b, c, d = (m.adapter.resolved() for m in config.models)
+    assert (a.kind, a.nms.iou) == ("ultralytics", 0.7)
+    assert (b.kind, b.nms.iou, b.nms.max_det) == ("ultralytics", 0.5, 10)
+    assert c.kind == "auto" and d.kind == "auto" and d.roi.boxes == [(0, 0, 10, 10)]
+
+
+def test_adapter_errors_name_their_line_and_kind(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - id: a
+            path: m.onnx
+            adapter:
+              kind: simcc
+              nms: {iou: 0.5}
+          - id: b
+            path: m.onnx
+            adapter: regression
+          - {id: c, path: m.onnx, adapter: yolo}
+          - id: d
+            path: m.onnx
+            adapter:
+              kind: heatmap
+              roi: {boxes: [[10, 10, 5, 20]]}
+        cameras: [{id: cam-1, source: "sim://conveyor", model: a}]
+    """)
+    errors = _errors(path)
+    assert errors[0].startswith(f"{path}:6: models[0].adapter.simcc.nms: unknown key")
+    assert "valid keys: input, kind, output, roi, simcc_score, simcc_split_ratio" in errors[0]
+    assert errors[1] == f"{path}:9: models[1].adapter.regression.output: Field required"
+    assert errors[2].startswith(f"{path}:10: models[2].adapter: ")
+    assert "'auto', 'end2end', 'ultralytics', 'simcc', 'heatmap', 'regression'" in errors[2]
+    assert errors[3].startswith(f"{path}:15: models[3].adapter.heatmap.roi.boxes: ")
+    assert "box [10, 10, 5, 20] is empty" in errors[3]
+
+
+def test_roi_cameras_and_detectors_must_exist(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - id: pose
+            path: m.onnx
+            adapter:
+              kind: heatmap
+              roi:
+                boxes: {cam-1: [[0, 0, 10, 10]], cam-9: [[0, 0, 10, 10]]}
+          - id: pose2
+            path: m.onnx
+            adapter: {kind: simcc, roi: {detector: pose3}}
+          - id: pose3
+            path: m.onnx
+            adapter: {kind: simcc, roi: {detector: pose2}}
+          - id: pose4
+            path: m.onnx
+            adapter: {kind: simcc, roi: {detector: nope}}
+        cameras:
+          - {id: cam-1, source: "sim://conveyor", model: pose}
+          - {id: cam-2, source: "sim://conveyor", model: pose}
+    """)
+    issues = check_config(path, env={}, check_files=False).issues  # m.onnx fits none of them
+    assert [str(i) for i in issues] == [
+        f"{path}:7: models[0].adapter.roi.boxes.cam-9: camera 'cam-9' does not run model "
+        "'pose' (its cameras: cam-1, cam-2); use a camera id or '*'",
+        f"{path}:10: models[1].adapter.roi.detector: detectors form a cycle: "
+        "pose2 -> pose3 -> pose2",
+        f"{path}:13: models[2].adapter.roi.detector: detectors form a cycle: "
+        "pose3 -> pose2 -> pose3",
+        f"{path}:16: models[3].adapter.roi.detector: unknown model 'nope' "
+        "(models: pose, pose2, pose3, pose4)",
+        f"{path}:19: cameras[1].model: model 'pose' has fixed ROIs per camera "
+        "(adapter.roi.boxes) but none for 'cam-2': add adapter.roi.boxes.cam-2 "
+        "(or '*' for every camera)",
+    ]
+
+
+def test_forced_adapter_is_checked_against_the_file(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models: [{id: m, path: m.onnx, adapter: ultralytics}]
+        cameras: [{id: cam-1, source: "sim://conveyor"}]
+    """)
+    (error,) = _errors(path)
+    assert error.startswith(f"{path}:1: models[0].adapter: Model ")
+    assert "does not fit the configured adapter 'ultralytics'" in error
+    assert check_config(path, env={}, check_files=False).ok  # the file is not read then

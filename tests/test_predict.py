@@ -78,3 +78,33 @@ def test_read_inputs_frames_of_images_and_videos(tmp_path: Path) -> None:
                       ("v.avi", 1, (48, 64, 3)), ("v.avi", 2, (48, 64, 3))]
     with pytest.raises(SourceError, match="does not exist"):
         list(read_inputs([tmp_path / "missing.jpg"]))
+
+
+@pytest.mark.skipif(not MOVENET.exists() or not IMAGE.exists(),
+                    reason="../shared/data (MoveNet, COCO sample) is absent")
+def test_predict_and_inspect_say_the_adapter_was_forced_and_why(tmp_path: Path) -> None:
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(CONFIG.format(model=MOVENET) + """
+cameras:
+  - {id: cam-2, source: "sim://conveyor"}
+  - {id: cam-1, source: "sim://conveyor"}
+""")
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--config", str(cfg), str(IMAGE)])
+    assert res.exit_code == 0, res.output
+    assert "(config entry 'movenet'): adapter regression (forced by config (adapter: " \
+           "regression); output StatefulPartitionedCall:0" in res.stderr
+    assert "ROIs of camera 'cam-2'" in res.stderr  # the first camera that runs the model
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(record["instances"]) == 2  # cam-2 has two ROIs
+    res = runner.invoke(app, ["model", "inspect", "--config", str(cfg), "--model-id", "movenet"])
+    assert res.exit_code == 0, res.output
+    assert "adapter: regression (forced by config (adapter: regression)" in res.stdout
+    assert f"settings: {cfg} (model 'movenet')" in res.stdout
+    assert "0: person  keypoints: nose, l_eye, r_eye" in res.stdout  # names from the config
+    assert "input: 192x192 NHWC uint8 RGB, normalization in-graph, resize stretch" in res.stdout
+    res = runner.invoke(app, ["model", "inspect", str(MOVENET)])  # no config: refused
+    assert res.exit_code == 1 and "adapter: none." in res.stdout
+    res = runner.invoke(app, ["predict", "--config", str(cfg), "--adapter", "simcc", str(IMAGE)])
+    assert res.exit_code == 2
+    assert "does not fit the configured adapter 'simcc'" in res.output

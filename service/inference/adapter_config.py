@@ -10,13 +10,27 @@ also overrides the input spec, describes a regression output, sets NMS and ROIs:
       input: {layout: NHWC, color: RGB, dtype: uint8, normalization: in-graph, resize: stretch}
       output: {layout: BNKV, coords: normalized, axis_order: yx, score_index: 2}
       roi: {boxes: [[100, 50, 400, 470]], padding: 1.25}
+
+In a config file the section is :data:`AdapterSpec`, a union discriminated by
+``kind``: each forced kind takes only the keys that mean something to it (``nms``
+for ultralytics, ``roi`` for the top-down kinds, a required ``output`` for
+regression), so a misplaced key is a config error with its line.  ``auto`` takes
+them all, since the adapter is only known once the file is read.  Every spec
+:meth:`~_SpecBase.resolved` to the flat :class:`AdapterConfig` that the adapters read.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 AdapterKind = Literal["auto", "end2end", "ultralytics", "simcc", "heatmap", "regression"]
 Box = tuple[float, float, float, float]
@@ -93,6 +107,30 @@ class RoiConfig(_Strict):
     padding: float = Field(default=1.25, ge=1.0, le=4.0, description="box scale before cropping")
     max_rois: int = Field(default=64, ge=1, description="per frame, best detector scores first")
 
+    @field_validator("boxes")
+    @classmethod
+    def _boxes(cls, value: list[Box] | dict[str, list[Box]]) -> list[Box] | dict[str, list[Box]]:
+        lists = value.values() if isinstance(value, dict) else [value]
+        for boxes in lists:
+            for x1, y1, x2, y2 in boxes:
+                if x2 <= x1 or y2 <= y1:
+                    raise ValueError(
+                        f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is empty: give [x1, y1, x2, y2] "
+                        "with x2 > x1 and y2 > y1 (pixels of the camera's frame)"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _boxes_or_detector(self) -> RoiConfig:
+        if self.detector is not None and self.boxes:
+            raise ValueError("give fixed 'boxes' or a 'detector', not both")
+        return self
+
+    @property
+    def per_camera(self) -> bool:
+        """True when the fixed boxes are given per camera id."""
+        return isinstance(self.boxes, dict)
+
     def boxes_for(self, camera: str | None) -> list[Box]:
         if isinstance(self.boxes, dict):
             return list(self.boxes.get(camera or "", self.boxes.get("*", [])))
@@ -120,3 +158,99 @@ class AdapterConfig(_Strict):
         if data is None:
             return {}
         return data
+
+
+# --- the config-file form: one spec per kind, discriminated by ``kind`` -----------------
+
+
+class _SpecBase(_Strict):
+    input: InputOverride = InputOverride()
+
+    def resolved(self) -> AdapterConfig:
+        """The flat settings the adapters read (unset sections take their defaults)."""
+        return AdapterConfig.model_validate(self.model_dump(exclude_unset=False))
+
+
+class _TopDownSpec(_SpecBase):
+    roi: RoiConfig = RoiConfig()
+    output: OutputSpec | None = Field(
+        default=None, description="optional here: keypoint_names and class_name name the "
+        "keypoints of a model whose metadata does not",
+    )
+
+
+class AutoSpec(_TopDownSpec):
+    """``auto``: the file decides; every section is accepted for the adapter it picks."""
+
+    kind: Literal["auto"] = "auto"
+    nms: NmsConfig = NmsConfig()
+    simcc_split_ratio: float | None = Field(default=None, gt=0.0)
+    simcc_score: Literal["mean", "min"] = "mean"
+    heatmap_refine: Literal["dark", "quadratic", "none"] = "dark"
+
+
+class End2EndSpec(_SpecBase):
+    """``end2end``: ``[B, N, 6+K*D]`` rows; nothing to set but the input."""
+
+    kind: Literal["end2end"]
+
+
+class UltralyticsSpec(_SpecBase):
+    """``ultralytics``: raw YOLO-pose/detect, decoded with NMS."""
+
+    kind: Literal["ultralytics"]
+    nms: NmsConfig = NmsConfig()
+
+
+class SimccSpec(_TopDownSpec):
+    """``simcc``: RTMPose-style x/y bins on ROIs."""
+
+    kind: Literal["simcc"]
+    simcc_split_ratio: float | None = Field(default=None, gt=0.0)
+    simcc_score: Literal["mean", "min"] = "mean"
+
+
+class HeatmapSpec(_TopDownSpec):
+    """``heatmap``: one heatmap per keypoint on ROIs."""
+
+    kind: Literal["heatmap"]
+    heatmap_refine: Literal["dark", "quadratic", "none"] = "dark"
+
+
+class RegressionSpec(_TopDownSpec):
+    """``regression``: direct coordinates on ROIs; the output spec is required."""
+
+    kind: Literal["regression"]
+    output: OutputSpec = Field(description="how to read the keypoint tensor")  # type: ignore[assignment]
+
+
+def tag_adapter(value: Any) -> Any:
+    """``adapter: ultralytics`` -> ``{kind: ultralytics}``; no ``kind`` -> ``auto``."""
+    if value is None:
+        return {"kind": "auto"}
+    if isinstance(value, str):
+        return {"kind": value.strip().lower()}
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": "auto", **value}
+    return value
+
+
+AdapterSpec = Annotated[
+    AutoSpec | End2EndSpec | UltralyticsSpec | SimccSpec | HeatmapSpec | RegressionSpec,
+    Field(discriminator="kind"),
+]
+"""The ``adapter:`` section of a model in a config file (see the module doc)."""
+
+ADAPTER_KINDS: tuple[str, ...] = ("auto", "end2end", "ultralytics", "simcc", "heatmap",
+                                  "regression")
+
+_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(AdapterSpec)
+
+
+def parse_adapter_spec(value: Any) -> AutoSpec | End2EndSpec | UltralyticsSpec | SimccSpec | \
+        HeatmapSpec | RegressionSpec:
+    """Validate an ``adapter:`` value (short or long form) as a config file would."""
+    spec: AutoSpec | End2EndSpec | UltralyticsSpec | SimccSpec | HeatmapSpec | RegressionSpec = (
+        _SPEC_ADAPTER.validate_python(tag_adapter(value))
+    )
+    return spec

@@ -13,16 +13,22 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from service.domain import Detections, ImageArray
+from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
 from service.inference.decoders import decode_ultralytics_pose
-from service.inference.inputs import Normalizer, to_model_input, ultralytics_letterbox
-from service.inference.metadata import ModelInfo
+from service.inference.inputs import (
+    Normalizer,
+    apply_input_override,
+    to_model_input,
+    ultralytics_letterbox,
+)
+from service.inference.metadata import ModelInfo, read_model_info
 from service.inference.preprocess import Transform, make_batch
 
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -60,6 +66,16 @@ class Adapter(ABC):
         self.max_detections = max_detections
         self.settings = settings or AdapterConfig()
         self.normalizer = normalizer
+
+    @property
+    def num_keypoints(self) -> int:
+        return self.info.num_keypoints
+
+    def classes(self) -> tuple[ClassInfo, ...]:
+        """Class and keypoint names: the model's metadata, else generic ones."""
+        if self.info.classes:
+            return self.info.classes
+        return (ClassInfo("object", tuple(f"kp{i}" for i in range(self.num_keypoints))),)
 
     @classmethod
     @abstractmethod
@@ -389,6 +405,20 @@ def choose_adapter(info: ModelInfo, settings: AdapterConfig) -> AdapterChoice:
             f"{info.describe_found()}. Remove 'adapter:' to let LineWatch choose, or fix it."
         )
     return AdapterChoice(cls, f"forced by config (adapter: {cls.name}); {verdict.reason}", ())
+
+
+def configured_adapter(
+    info: ModelInfo, settings: AdapterConfig
+) -> tuple[ModelInfo, Normalizer | None, AdapterChoice]:
+    """The model info with the config's input overrides, its mean/std step, and its adapter
+    (forced by ``settings.kind`` or chosen from the file); raises :class:`ModelError`."""
+    info, normalizer = apply_input_override(info, settings.input)
+    return info, normalizer, choose_adapter(info, settings)
+
+
+def check_adapter_fits(path: str | Path, settings: AdapterConfig) -> AdapterChoice:
+    """Read the file's tensors and metadata (no session) and choose as the service will."""
+    return configured_adapter(read_model_info(path), settings)[2]
 
 
 # Top-down adapters (SimCC, heatmaps, regression) register themselves after the above.

@@ -1,4 +1,8 @@
-"""``linewatch model inspect``: what the service reads from a model file, and its adapter."""
+"""``linewatch model inspect``: what the service reads from a model file, and its adapter.
+
+With a config entry's ``adapter:`` settings it shows the forced adapter (or the one
+``auto`` picks) and why, exactly as the service will load the model.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +10,56 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ModelError
-from service.inference.adapters import registered_adapters, select_adapter
-from service.inference.metadata import read_model_info
+from service.inference.adapter_config import AdapterConfig
+from service.inference.adapters import configured_adapter, registered_adapters
+from service.inference.inputs import apply_input_override
+from service.inference.metadata import ModelInfo, read_model_info
 
 
-def inspect_model(path: str | Path) -> dict[str, Any]:
+def inspect_model(
+    path: str | Path, settings: AdapterConfig | None = None, source: str | None = None
+) -> dict[str, Any]:
     """Model info plus the adapter it would use and why (or why none accepts it).
 
-    A model no adapter accepts is still described (``adapter`` is null and
+    ``settings`` (a config entry's ``adapter:`` section, ``source`` naming it) are
+    applied as the service applies them: input overrides, then the forced adapter (or
+    auto).  A model that is refused is still described (``adapter`` is null and
     ``refusal`` holds the message the service would give at load).
     """
-    info = read_model_info(path)
-    report = info.to_dict()
-    verdicts = [
-        {"adapter": cls.name, "accepted": v.accepted, "reason": v.reason}
-        for cls in registered_adapters()
-        for v in [cls.accepts(info)]
-    ]
+    settings = settings or AdapterConfig()
+    raw = read_model_info(path)
+    report = raw.to_dict()
+    forced = settings.kind != "auto"
+    report.update(forced=forced, settings_from=source)
     try:
-        choice = select_adapter(info)
+        info, normalizer, choice = configured_adapter(raw, settings)
     except ModelError as exc:
-        report.update(adapter=None, adapter_reason=None, refusal=str(exc), adapters=verdicts)
+        info = apply_input_override(raw, settings.input)[0]
+        report.update(adapter=None, adapter_reason=None, refusal=str(exc),
+                      adapters=_verdicts(info, settings))
         return report
+    if source is not None:  # show the input and names as the config makes them
+        adapter = choice.adapter(info, None, None, settings, normalizer)
+        report["input"] = info.to_dict()["input"]
+        report["classes"] = [
+            {"id": i, "name": c.name, "keypoint_names": list(c.keypoint_names),
+             "skeleton": [list(e) for e in c.skeleton]}
+            for i, c in enumerate(adapter.classes())
+        ]
     report.update(
-        adapter=choice.adapter.name, adapter_reason=choice.reason, refusal=None, adapters=verdicts
+        adapter=choice.adapter.name, adapter_reason=choice.reason, refusal=None,
+        adapters=_verdicts(info, settings),
     )
     return report
+
+
+def _verdicts(info: ModelInfo, settings: AdapterConfig) -> list[dict[str, Any]]:
+    """Every adapter's verdict: from the file alone, or with the settings for a forced one."""
+    out = []
+    for cls in registered_adapters():
+        v = cls.fits(info, settings) if cls.name == settings.kind else cls.accepts(info)
+        out.append({"adapter": cls.name, "accepted": v.accepted, "reason": v.reason})
+    return out
 
 
 def render_inspection(report: dict[str, Any]) -> str:
@@ -57,6 +85,8 @@ def render_inspection(report: dict[str, Any]) -> str:
     lines.append("classes:")
     for c in report["classes"]:
         lines.append(f"  {c['id']}: {c['name']}  keypoints: {', '.join(c['keypoint_names'])}")
+    if report.get("settings_from"):
+        lines.append(f"settings: {report['settings_from']}")
     if report["adapter"]:
         lines.append(f"adapter: {report['adapter']} ({report['adapter_reason']})")
     else:

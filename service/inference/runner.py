@@ -1,34 +1,32 @@
-"""A model with its configured adapter: ``Predictor.predict(images, camera) -> [Detections]``.
+"""A model with its configured adapter and ROIs: ``Predictor.predict(images, cameras=...)``.
 
-Like :class:`service.inference.OrtModel`, plus the per-model ``adapter:`` settings:
-a forced adapter, input-spec overrides, NMS settings, and for top-down models the
-ROIs (fixed per camera, or boxes from a detector :class:`Predictor`).  All crops of
-all frames go through one ``session.run`` when the batch dimension is dynamic (in
-chunks of the fixed batch size otherwise).
+:class:`Predictor` is an :class:`service.inference.OrtModel` (providers, warm-up,
+metrics, the per-model ``adapter:`` settings: a forced adapter, input-spec
+overrides, NMS) plus, for top-down models, where the regions of interest come
+from: fixed boxes per camera (each image's camera id picks its boxes) or the boxes
+of a detector :class:`Predictor`.  All crops of all frames go through one
+``session.run`` when the batch dimension is dynamic (in chunks of the fixed batch
+size otherwise).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from service.domain import ClassInfo, Detections, ImageArray
+from service.domain import Detections, ImageArray
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
-from service.inference.adapters import Adapter, choose_adapter
 from service.inference.config import InferenceConfig
-from service.inference.inputs import apply_input_override
-from service.inference.metadata import ModelInfo, model_info_from_session
-from service.inference.session import open_session, run_in_batches
+from service.inference.preprocess import Transform
+from service.inference.roi import whole_image_box
+from service.inference.session import OrtModel
 from service.inference.topdown import TopDownAdapter
 
-log = logging.getLogger(__name__)
 
-
-class Predictor:
+class Predictor(OrtModel):
     """A loaded model, its adapter (and detector, for top-down models on detected boxes)."""
 
     def __init__(
@@ -39,70 +37,82 @@ class Predictor:
         detector: Predictor | None = None,
         name: str | None = None,
     ) -> None:
-        self.path = Path(path)
-        self.inference = inference or InferenceConfig()
-        self.settings = settings or AdapterConfig()
-        self.name = name or self.path.stem
         self.detector = detector
-        self._session, _ = open_session(self.path, self.inference)
-        raw_info = model_info_from_session(self.path, self._session)
-        self.info: ModelInfo
-        self.info, normalizer = apply_input_override(raw_info, self.settings.input)
-        choice = choose_adapter(self.info, self.settings)
-        self.adapter: Adapter = choice.adapter(
-            self.info, self.inference.score_threshold, self.inference.max_detections,
-            self.settings, normalizer,
-        )
-        self.adapter_reason = choice.reason
-        if detector is not None and not isinstance(self.adapter, TopDownAdapter):
+        super().__init__(path, inference, name, settings)
+
+    def _before_warm_up(self) -> None:
+        if self.detector is not None and not isinstance(self.adapter, TopDownAdapter):
             raise ModelError(
-                f"Model {self.name!r} has a detector ({detector.name!r}) in adapter.roi, but its "
-                f"adapter {self.adapter.name!r} is not top-down (simcc, heatmap, regression)."
+                f"Model {self.name!r} has a detector ({self.detector.name!r}) in adapter.roi, "
+                f"but its adapter {self.adapter.name!r} is not top-down (simcc, heatmap, "
+                "regression). Remove adapter.roi.detector, or force a top-down adapter."
             )
-        self._outputs = [o.name for o in self.info.outputs]
-        self.runs = 0  # session.run calls of the last predict
-        for _ in range(self.inference.warmup_runs):
-            self.predict([np.zeros((self.info.input.height, self.info.input.width, 3), np.uint8)])
-        log.info("model %s (%s): adapter %s (%s), provider %s", self.name, self.path,
-                 self.adapter.name, self.adapter_reason, self.provider)
+
+    def _warm_up(self) -> None:
+        if not isinstance(self.adapter, TopDownAdapter):
+            super()._warm_up()
+            return
+        blank = np.zeros((self.info.input.height, self.info.input.width, 3), np.uint8)
+        for _ in range(self.config.warmup_runs):  # one whole-frame ROI (a detector finds none)
+            feeds, transforms = self.adapter.preprocess_rois(
+                [blank], [np.asarray([whole_image_box(blank)], np.float32)]
+            )
+            self._run(feeds, len(transforms))
 
     @property
-    def provider(self) -> str:
-        return str(self._session.get_providers()[0])
+    def inference(self) -> InferenceConfig:
+        return self.config
 
     @property
-    def classes(self) -> tuple[ClassInfo, ...]:
-        if isinstance(self.adapter, TopDownAdapter):
-            return self.adapter.classes()
-        if self.info.classes:
-            return self.info.classes
-        k = self.info.num_keypoints
-        return (ClassInfo("object", tuple(f"kp{i}" for i in range(k))),)
+    def top_down(self) -> bool:
+        """True for SimCC, heatmap and regression models (crops of ROIs, not whole frames)."""
+        return isinstance(self.adapter, TopDownAdapter)
 
-    def predict(self, images: Sequence[ImageArray], camera: str | None = None) -> list[Detections]:
-        """Images (HxWx3 uint8 BGR) -> one Detections per image, in frame pixels."""
-        if not images:
-            return []
-        self.runs = 0
+    @property
+    def per_camera(self) -> bool:
+        """True when the result depends on each image's camera (per-camera fixed ROIs)."""
+        if not isinstance(self.adapter, TopDownAdapter):
+            return False
+        if self.detector is not None:
+            return self.detector.per_camera
+        return self.settings.roi.per_camera
+
+    @property
+    def runs(self) -> int:
+        """``session.run`` calls of the last predict (the detector's not counted)."""
+        return self.last_timing.runs
+
+    def predict(
+        self,
+        images: Sequence[ImageArray],
+        camera: str | None = None,
+        *,
+        cameras: Sequence[str | None] | None = None,
+    ) -> list[Detections]:
+        """Images (HxWx3 uint8 BGR) -> one Detections per image, in frame pixels.
+
+        ``cameras`` gives each image's camera id (whose fixed ROIs apply); ``camera``
+        is the same id for every image.
+        """
+        if cameras is not None and len(cameras) != len(images):
+            raise ValueError(f"{len(cameras)} camera ids for {len(images)} images")
+        if cameras is None and camera is not None:
+            cameras = [camera] * len(images)
+        return self._observed(images, cameras)
+
+    def _prepare(
+        self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None
+    ) -> tuple[dict[str, np.ndarray], list[Transform]]:
         adapter = self.adapter
-        if isinstance(adapter, TopDownAdapter):
-            if self.detector is not None:
-                found = self.detector.predict(images, camera)
-                found = [self._select_rois(d) for d in found]
-                feeds, transforms = adapter.preprocess_rois(
-                    images, [d.boxes for d in found], [d.scores for d in found],
-                    [d.class_ids for d in found],
-                )
-            else:
-                feeds, transforms = adapter.preprocess_rois(
-                    images, adapter.rois_for(images, camera)
-                )
-            if not transforms:
-                return [Detections.empty(adapter.num_keypoints) for _ in images]
-        else:
-            feeds, transforms = adapter.preprocess(images)
-        outputs = self._run(feeds, len(transforms))
-        return adapter.postprocess(outputs, transforms)
+        if not isinstance(adapter, TopDownAdapter):
+            return adapter.preprocess(images)
+        if self.detector is None:
+            return adapter.preprocess_rois(images, adapter.rois_for(images, cameras))
+        found = [self._select_rois(d) for d in self.detector.predict(images, cameras=cameras)]
+        return adapter.preprocess_rois(
+            images, [d.boxes for d in found], [d.scores for d in found],
+            [d.class_ids for d in found],
+        )
 
     def _select_rois(self, found: Detections) -> Detections:
         roi = self.settings.roi
@@ -110,11 +120,3 @@ class Predictor:
             found = found[np.flatnonzero(np.isin(found.class_ids, roi.detector_classes))]
         order = np.argsort(-found.scores, kind="stable")[: roi.max_rois]
         return found[order]
-
-    def _run(self, feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
-        outputs, model_s, runs = run_in_batches(
-            self._session, self._outputs, feeds, n, self.info, self.name
-        )
-        self.runs += runs
-        log.debug("model %s: %d inputs in %d run(s), %.1f ms", self.name, n, runs, 1000 * model_s)
-        return outputs

@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from service.domain import Detections, ImageArray
+from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
-from service.inference.adapters import Adapter, select_adapter
+from service.inference.adapter_config import AdapterConfig
+from service.inference.adapters import Adapter, configured_adapter
 from service.inference.config import PROVIDER_ALIASES, InferenceConfig
 from service.inference.metadata import ModelInfo, model_info_from_session
+from service.inference.preprocess import Transform
 from service.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -132,31 +134,46 @@ class OrtModel:
         path: str | Path,
         config: InferenceConfig | None = None,
         name: str | None = None,
+        settings: AdapterConfig | None = None,
     ) -> None:
         self.path = Path(path)
         self.config = config or InferenceConfig()
+        self.settings = settings or AdapterConfig()
         self.name = name or self.path.stem
         self._session, requested = open_session(self.path, self.config)
         self._providers: tuple[str, ...] = tuple(self._session.get_providers())
         self._check_provider(requested)
-        self.info: ModelInfo = model_info_from_session(self.path, self._session)
-        choice = select_adapter(self.info)
+        self.info: ModelInfo
+        self.info, normalizer, choice = configured_adapter(
+            model_info_from_session(self.path, self._session), self.settings
+        )
         self.adapter: Adapter = choice.adapter(
-            self.info, self.config.score_threshold, self.config.max_detections
+            self.info, self.config.score_threshold, self.config.max_detections, self.settings,
+            normalizer,
         )
         self.adapter_reason = choice.reason
+        self._before_warm_up()
         self._output_names = [o.name for o in self.info.outputs]
         self.last_timing = RunTiming(0, 0, 0.0, 0.0, 0.0)
         self._warm_up()
         log.info(
-            "model %s (%s): provider %s, adapter %s, input %dx%d %s %s, %s batch",
-            self.name, self.path, self.provider, self.adapter.name, self.info.input.width,
-            self.info.input.height, self.info.input.layout, self.info.input.dtype,
+            "model %s (%s): provider %s, adapter %s (%s), input %dx%d %s %s, %s batch",
+            self.name, self.path, self.provider, self.adapter.name, self.adapter_reason,
+            self.info.input.width, self.info.input.height, self.info.input.layout,
+            self.info.input.dtype,
             "dynamic" if self.info.dynamic_batch else f"fixed {self.info.fixed_batch}",
         )
         for p in (*GPU_PROVIDERS, CPU):
             metrics.PROVIDER.labels(self.name, p).set(1.0 if p == self.provider else 0.0)
         metrics.MODEL_LOADED.labels(self.name).set(1.0)
+
+    def _before_warm_up(self) -> None:
+        """Hook for subclasses: checks that need the adapter, before the first run."""
+
+    @property
+    def classes(self) -> tuple[ClassInfo, ...]:
+        """Class and keypoint names as the adapter reports them (metadata, else config)."""
+        return self.adapter.classes()
 
     @property
     def provider(self) -> str:
@@ -189,19 +206,35 @@ class OrtModel:
 
     def predict(self, images: Sequence[ImageArray]) -> list[Detections]:
         """Run all images (HxWx3 uint8 BGR, any sizes) through the model."""
-        detections = self._predict(images)
+        return self._observed(images, None)
+
+    def _observed(
+        self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None
+    ) -> list[Detections]:
+        detections = self._predict(images, cameras)
         if images:
             metrics.INFERENCE_SECONDS.labels(self.name).observe(self.last_timing.model_s)
             metrics.BATCH_SIZE.labels(self.name).observe(len(images))
         return detections
 
-    def _predict(self, images: Sequence[ImageArray]) -> list[Detections]:
+    def _prepare(
+        self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None
+    ) -> tuple[dict[str, np.ndarray], list[Transform]]:
+        """Session feeds and one transform per model input (subclasses add ROIs)."""
+        return self.adapter.preprocess(images)
+
+    def _predict(
+        self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None = None
+    ) -> list[Detections]:
         if not images:
             return []
         t0 = time.perf_counter()
-        feeds, transforms = self.adapter.preprocess(images)
+        feeds, transforms = self._prepare(images, cameras)
         t1 = time.perf_counter()
-        outputs, model_s, runs = self._run(feeds, len(images))
+        if not transforms:  # a top-down model with no ROI in any frame
+            self.last_timing = RunTiming(len(images), 0, 0.0, t1 - t0, 0.0)
+            return [Detections.empty(self.adapter.num_keypoints) for _ in images]
+        outputs, model_s, runs = self._run(feeds, len(transforms))
         t2 = time.perf_counter()
         detections = self.adapter.postprocess(outputs, transforms)
         t3 = time.perf_counter()

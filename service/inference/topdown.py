@@ -41,11 +41,13 @@ DEFAULT_SPLIT_RATIO = 2.0
 class TopDownAdapter(Adapter):
     """Crops per ROI in, keypoints per ROI out."""
 
-    def rois_for(self, images: Sequence[ImageArray], camera: str | None = None) -> list[np.ndarray]:
-        """The configured fixed ROIs of ``camera`` per image (the whole frame when none)."""
-        boxes = self.settings.roi.boxes_for(camera)
+    def rois_for(
+        self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None = None
+    ) -> list[np.ndarray]:
+        """The configured fixed ROIs of each image's camera (the whole frame when none)."""
         out = []
-        for image in images:
+        for i, image in enumerate(images):
+            boxes = self.settings.roi.boxes_for(cameras[i] if cameras is not None else None)
             rois = np.asarray(boxes, np.float32).reshape(-1, 4) if boxes else np.asarray(
                 [whole_image_box(image)], np.float32
             )
@@ -85,10 +87,6 @@ class TopDownAdapter(Adapter):
     @abstractmethod
     def decode_crops(self, outputs: Sequence[np.ndarray], n: int) -> np.ndarray:
         """Outputs of ``n`` crops -> ``(n, K, 3)`` keypoints in model-input pixels."""
-
-    @property
-    def num_keypoints(self) -> int:
-        return self.info.num_keypoints
 
     def postprocess(
         self, outputs: Sequence[np.ndarray], transforms: Sequence[Transform]
