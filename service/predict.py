@@ -7,9 +7,11 @@ One JSON object per frame::
          "keypoints": {"nose": [x, y, score], ...}}]}
 
 Coordinates are pixels of the original image (pixel-centre convention).  With
-``--config``, the model entry (``--model-id``, or the entry whose path is the model,
-or the only one) supplies thresholds, threads, providers and its ``adapter:``
-section; a ``roi.detector`` there names another model entry of the same file.
+``--config``, the file is loaded by the real config loader and the model entry
+(``--model-id``, or the entry whose path is the model, or the only one) supplies
+thresholds, threads, providers and its ``adapter:`` section; a ``roi.detector``
+there names another model entry of the same file, and per-camera ROIs are those of
+``--camera`` (default: the first camera that runs the model).
 """
 
 from __future__ import annotations

@@ -114,3 +114,20 @@ def test_rejects_non_bgr_uint8_images() -> None:
         letterbox(np.zeros((10, 10, 3), np.float32), (240, 320))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="HxWx3"):
         letterbox(np.zeros((10, 10), np.uint8), (240, 320))
+
+
+@pytest.mark.parametrize("color", ["RGB", "BGR"])
+@pytest.mark.parametrize("normalization", ["unit", "in-graph"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_nchw_float_conversion_equals_the_plain_numpy_chain(
+    color: str, normalization: str, dtype: str
+) -> None:
+    batch = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    spec = InputSpec("images", 5, 7, "NCHW", dtype, color, normalization, "letterbox", 114)  # type: ignore[arg-type]
+    x = batch[..., ::-1] if color == "RGB" else batch
+    ref = x.transpose(0, 3, 1, 2).astype(dtype)
+    if normalization == "unit":
+        ref = ref * np.dtype(dtype).type(1.0 / 255.0)
+    out = to_layout(batch, spec)
+    assert out.dtype == np.dtype(dtype) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, ref)
