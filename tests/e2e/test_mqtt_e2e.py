@@ -134,6 +134,7 @@ def worker_config(broker: Mosquitto, model: Path, worker: str, camera: str, line
         "lines": [{"id": line, "cameras": [camera], "rules": [
             {"type": "stale_camera", "name": "camera-fresh", "max_age_s": 2.0}]}],
         "bus": {"url": broker.url, "mqtt": {"worker_id": worker, "status_interval_s": 1.0}},
+        "store": {"url": f"sqlite:///{worker}.db"},  # each worker its own (as on its machine)
     }
 
 
@@ -156,9 +157,10 @@ def cameras(api: Proc) -> dict[str, dict[str, Any]]:
 def test_two_workers_one_api_and_a_killed_worker(broker: Mosquitto, model_path: Path,
                                                  procs, request: pytest.FixtureRequest) -> None:
     api = procs("api", {"bus": {"url": broker.url, "mqtt": {"status_interval_s": 1.0}}}, "api")
+    api.wait_ready()  # subscribed before the workers start: it hears their first events
     w1 = procs("worker", worker_config(broker, model_path, "w1", "cam-a", "line-1", 3), "w1")
     w2 = procs("worker", worker_config(broker, model_path, "w2", "cam-b", "line-2", 4), "w2")
-    for p in (api, w1, w2):
+    for p in (w1, w2):
         p.wait_ready()
 
     # a websocket client on the API sees frames from both workers' cameras
@@ -210,8 +212,16 @@ def test_two_workers_one_api_and_a_killed_worker(broker: Mosquitto, model_path: 
     lines = {ln["line"]: ln for ln in api.get("/api/v1/lines").json()}
     assert set(lines) == {"line-1", "line-2"}
     assert all(lines[ln]["state"] in STATES for ln in lines), lines
-    events = api.get("/api/v1/events").json()
-    assert {e["line"] for e in events["events"]} == {"line-1", "line-2"}, events
+    def state_changes() -> set[tuple[str, str, str]]:
+        return {(e["line"], e["old"], e["new"]) for e in api.get("/api/v1/events").json()[
+            "events"] if e["kind"] == "state"}
+
+    deadline = time.monotonic() + 10  # each line's first state change, heard by the API
+    while {line for line, _old, _new in state_changes()} != {"line-1", "line-2"}:
+        assert time.monotonic() < deadline, api.get("/api/v1/events").json()
+        time.sleep(0.1)
+    assert {(line, old) for line, old, _new in state_changes()} >= {
+        ("line-1", "UNKNOWN"), ("line-2", "UNKNOWN")}
 
     # a worker serves probes and metrics only
     assert w1.get("/healthz").json() == {"status": "ok"}
