@@ -531,24 +531,92 @@ class LineTicker:
 Batch = tuple[list[Frame], list[CameraFeed]]
 
 
-class _Handoff:
-    """A short queue of inferred batches between the model thread and the stage thread.
+class StagedPredictor(Protocol):
+    """A model whose ``predict`` is split in three, so that a loop can overlap them:
+    ``prepare`` (decode/resize/normalise, CPU), ``infer`` (the session run; ONNX
+    Runtime releases the GIL) and ``finish`` (decode the outputs to Detections).
+    ``finish(infer(prepare(images, cameras)))`` equals ``predict``."""
 
-    ``put`` blocks while ``depth`` batches wait (the stages are behind: the model
-    thread stops taking frames and the cameras keep only their newest), but never
-    past ``stop``; ``get`` returns None once closed and drained.
+    def prepare(
+        self, images: list[ImageArray], cameras: Sequence[str | None] | None
+    ) -> Any: ...
+
+    def infer(self, prepared: Any) -> Any: ...
+
+    def finish(self, inferred: Any) -> list[Detections]: ...
+
+
+class _Stages:
+    """The three steps of a model, for a model that has them or only ``predict``."""
+
+    def __init__(self, model: Predictor) -> None:
+        self._model = model
+        self.staged = all(
+            callable(getattr(model, name, None)) for name in ("prepare", "infer", "finish")
+        )
+        self._per_camera = bool(getattr(model, "per_camera", False))
+
+    def prepare(self, frames: list[Frame]) -> Any:
+        images = [f.image for f in frames]
+        # only a model with per-camera ROIs is told whose frames these are
+        cameras: list[str | None] | None = (
+            [f.camera for f in frames] if self._per_camera else None
+        )
+        if self.staged:
+            return cast(StagedPredictor, self._model).prepare(images, cameras)
+        return images, cameras
+
+    def infer(self, prepared: Any) -> Any:
+        if self.staged:
+            return cast(StagedPredictor, self._model).infer(prepared)
+        images, cameras = prepared
+        if self._per_camera:  # fixed ROIs per camera: say whose
+            return cast(CameraPredictor, self._model).predict(images, cameras=cameras)
+        return self._model.predict(images)
+
+    def finish(self, inferred: Any) -> list[Detections]:
+        if self.staged:
+            return cast(StagedPredictor, self._model).finish(inferred)
+        return cast(list[Detections], inferred)
+
+
+JIT_MARGIN_S = 0.001  # prepare the next batch this long before the model needs it
+
+
+class _Mean:
+    """An exponential moving average of durations (seconds)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.value = 0.0
+        self._weight = weight
+        self.empty = True
+
+    def add(self, seconds: float) -> None:
+        if self.empty:
+            self.value, self.empty = seconds, False
+        else:
+            self.value += self._weight * (seconds - self.value)
+
+
+class _Handoff:
+    """A short queue between two threads of a loop.
+
+    ``put`` blocks while ``depth`` items wait (the next step is behind: the loop
+    stops taking frames and the cameras keep only their newest), giving up only
+    when ``stop`` is set; ``get`` blocks until an item comes and returns None once
+    the queue is closed and drained.
     """
 
     def __init__(self, depth: int) -> None:
         self._cond = threading.Condition()
-        self._items: deque[tuple[Batch, list[Detections]]] = deque()
+        self._items: deque[tuple[Batch, Any]] = deque()
         self._depth = max(1, depth)
         self._closed = False
 
-    def put(self, item: tuple[Batch, list[Detections]], stop: threading.Event) -> bool:
+    def put(self, item: tuple[Batch, Any], stop: threading.Event | None = None) -> bool:
         with self._cond:
             while len(self._items) >= self._depth and not self._closed:
-                if stop.is_set():
+                if stop is not None and stop.is_set():
                     return False
                 self._cond.wait(0.1)
             if self._closed:
@@ -557,7 +625,16 @@ class _Handoff:
             self._cond.notify_all()
             return True
 
-    def get(self) -> tuple[Batch, list[Detections]] | None:
+    def wait_empty(self, stop: threading.Event) -> bool:
+        """Block until nothing waits in the queue; False when ``stop`` is set first."""
+        with self._cond:
+            while self._items and not self._closed:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            return not stop.is_set()
+
+    def get(self) -> tuple[Batch, Any] | None:
         with self._cond:
             while not self._items and not self._closed:
                 self._cond.wait()
@@ -581,12 +658,14 @@ class _Handoff:
 class InferenceLoop:
     """Runs one model over the newest frames of its cameras.
 
-    Started, it runs two threads: the model thread takes frames, preprocesses and
-    runs them (ONNX Runtime releases the GIL while it computes), and hands each
-    inferred batch to the stage thread, which tracks, fits poses, judges the rules,
-    builds the messages and publishes them.  So the stages of frame N run while the
-    model computes frame N+1, in order per camera.  ``step`` does both inline (for
-    single-threaded callers and tests).
+    Started, it runs three threads joined by short queues, so that the model never
+    waits for Python work: the *prepare* thread takes the newest frame of each
+    camera and preprocesses the batch; the *inference* thread runs the model (ONNX
+    Runtime releases the GIL while it computes); the *stage* thread decodes the
+    outputs, tracks, fits poses, judges the rules, builds the messages and
+    publishes them.  Frames keep their order per camera.  ``stop`` stops taking
+    frames and lets the batches already taken through.  ``step`` does it all
+    inline (single-threaded callers and tests).
     """
 
     def __init__(
@@ -609,6 +688,7 @@ class InferenceLoop:
             raise ValueError(f"inference loop for model {model_id!r} has no cameras")
         self.model_id = model_id
         self._model = model
+        self._steps = _Stages(model)
         self._classes = ClassTable.from_classes(classes)
         self._feeds = list(feeds)
         self._publisher = publisher
@@ -621,9 +701,12 @@ class InferenceLoop:
         self._idle_wait_s = idle_wait_s
         self._poll_s = poll_s
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stage_thread: threading.Thread | None = None
-        self._handoff = _Handoff(handoff_depth)
+        self._threads: list[threading.Thread] = []
+        self._prepared = _Handoff(1)  # one batch ready while the model runs the last
+        self._run_started: float | None = None  # perf_counter() of the run in progress
+        self._run_s = _Mean()
+        self._prepare_s = _Mean()
+        self._inferred = _Handoff(handoff_depth)
         self._wait_index = 0
         self.batches = 0
         self.errors = 0
@@ -640,38 +723,32 @@ class InferenceLoop:
     # -- lifecycle
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._stop.clear()
-        self._handoff.reopen()
-        self._stage_thread = threading.Thread(
-            target=self._run_stages, name=f"stages-{self.model_id}", daemon=True
-        )
-        self._stage_thread.start()
-        self._thread = threading.Thread(
-            target=self._run, name=f"inference-{self.model_id}", daemon=True
-        )
-        self._thread.start()
+        self._prepared.reopen()
+        self._inferred.reopen()
+        for name, target in (
+            ("stages", self._run_stages), ("inference", self._run_inference),
+            ("prepare", self._run_prepare),
+        ):
+            thread = threading.Thread(target=target, name=f"{name}-{self.model_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking frames; publish the batches already inferred, then return."""
+        """Stop taking frames; publish the batches already taken, then return."""
         self._stop.set()
         deadline = time.monotonic() + timeout
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("inference loop %s did not stop within %.1f s", self.model_id, timeout)
-            self._thread = None
-        self._handoff.close()
-        if self._stage_thread is not None:
-            self._stage_thread.join(max(0.1, deadline - time.monotonic()))
-            if self._stage_thread.is_alive():
-                log.warning("stages of %s did not drain within %.1f s", self.model_id, timeout)
-            self._stage_thread = None
+        for thread in reversed(self._threads):  # prepare, inference, stages: in flow order
+            thread.join(max(0.1, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("%s did not stop within %.1f s", thread.name, timeout)
+        self._threads = []
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return any(t.is_alive() for t in self._threads)
 
     def processed(self, camera_id: str) -> int:
         for feed in self._feeds:
@@ -686,22 +763,64 @@ class InferenceLoop:
         self.last_error = f"{type(exc).__name__}: {exc}"
         log.exception("inference loop %s failed on %s", self.model_id, what)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for frames, feeds in self._next_batches(self._idle_wait_s):
-                    results = self._infer(frames)
-                    if not self._handoff.put(((frames, feeds), results), self._stop):
-                        break
-            except Exception as exc:  # keep serving the other frames; a bug is logged loudly
-                self._failed(exc, "a batch")
-                self._stop.wait(1.0)
+    def _run_prepare(self) -> None:
+        try:
+            while self._prepared.wait_empty(self._stop):
+                self._wait_until_needed()
+                if self._stop.is_set():
+                    break
+                try:
+                    for batch in self._next_batches(self._idle_wait_s):
+                        t0 = time.perf_counter()
+                        prepared = self._steps.prepare(batch[0])
+                        self._prepare_s.add(time.perf_counter() - t0)
+                        if not self._prepared.put((batch, prepared), self._stop):
+                            break
+                except Exception as exc:  # keep serving the other frames; logged loudly
+                    self._failed(exc, "preparing a batch")
+                    self._stop.wait(1.0)
+        finally:
+            self._prepared.close()
+
+    def _wait_until_needed(self) -> None:
+        """Just-in-time: while the model runs a batch, take the next frames only when
+        they can be prepared by the time the run ends, so that a busy model still
+        gets the newest frames (not ones taken a whole run earlier)."""
+        started = self._run_started
+        if started is None:
+            return
+        if self._run_s.empty:  # the first run: its length is unknown, wait for its end
+            while self._run_started is not None and not self._stop.wait(0.001):
+                pass
+            return
+        ready_at = started + self._run_s.value - self._prepare_s.value - JIT_MARGIN_S
+        delay = ready_at - time.perf_counter()
+        if delay > 0:
+            self._stop.wait(delay)
+
+    def _run_inference(self) -> None:
+        try:
+            while (item := self._prepared.get()) is not None:
+                batch, prepared = item
+                t0 = self._run_started = time.perf_counter()
+                try:
+                    inferred = self._steps.infer(prepared)
+                except Exception as exc:  # the next batch still runs
+                    self._failed(exc, "a batch")
+                    continue
+                finally:
+                    self._run_started = None
+                self._run_s.add(time.perf_counter() - t0)
+                self.batches += 1
+                self._inferred.put((batch, inferred))
+        finally:
+            self._inferred.close()
 
     def _run_stages(self) -> None:
-        while (item := self._handoff.get()) is not None:
-            (frames, feeds), results = item
+        while (item := self._inferred.get()) is not None:
+            (frames, feeds), inferred = item
             try:
-                self._publish(frames, results, feeds)
+                self._publish(frames, self._finish(frames, inferred), feeds)
             except Exception as exc:  # the next batch still gets its stages
                 self._failed(exc, "the stages of a batch")
 
@@ -712,9 +831,19 @@ class InferenceLoop:
         """
         published = 0
         for frames, feeds in self._next_batches(timeout):
-            self._publish(frames, self._infer(frames), feeds)
+            inferred = self._steps.infer(self._steps.prepare(frames))
+            self.batches += 1
+            self._publish(frames, self._finish(frames, inferred), feeds)
             published += len(frames)
         return published
+
+    def _finish(self, frames: list[Frame], inferred: Any) -> list[Detections]:
+        results = self._steps.finish(inferred)
+        if len(results) != len(frames):
+            raise RuntimeError(
+                f"model {self.model_id!r} returned {len(results)} results for {len(frames)} frames"
+            )
+        return results
 
     def _next_batches(self, timeout: float) -> list[Batch]:
         """The newest new frame of each camera, cut into model batches (may be empty)."""
@@ -761,20 +890,6 @@ class InferenceLoop:
         feed = self._feeds[self._wait_index % len(self._feeds)]
         self._wait_index += 1
         feed.source.wait(feed.last_seq, min(timeout, self._poll_s))
-
-    def _infer(self, frames: list[Frame]) -> list[Detections]:
-        images = [f.image for f in frames]
-        if getattr(self._model, "per_camera", False):  # fixed ROIs per camera: say whose
-            model = cast(CameraPredictor, self._model)
-            results = model.predict(images, cameras=[f.camera for f in frames])
-        else:
-            results = self._model.predict(images)
-        if len(results) != len(frames):
-            raise RuntimeError(
-                f"model {self.model_id!r} returned {len(results)} results for {len(frames)} frames"
-            )
-        self.batches += 1
-        return results
 
     def _publish(
         self, frames: list[Frame], results: list[Detections], feeds: list[CameraFeed]

@@ -340,7 +340,7 @@ def test_a_loop_without_cameras_is_refused(onnx_model) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("window_s", "min_ratio", "max_ratio"), [(0.0, 1.0, 1.3), (0.3, 1.8, 2.0)])
+@pytest.mark.parametrize(("window_s", "min_ratio", "max_ratio"), [(0.0, 1.0, 1.5), (0.3, 1.8, 2.0)])
 def test_the_batch_window_waits_for_the_other_cameras(
     onnx_model, cameras, window_s: float, min_ratio: float, max_ratio: float
 ) -> None:

@@ -126,6 +126,26 @@ def open_session(path: Path, config: InferenceConfig) -> tuple[Any, list[str]]:
     return session, requested
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A preprocessed batch: ``n`` images, the session feeds, one transform per input."""
+
+    n: int
+    feeds: dict[str, np.ndarray]
+    transforms: list[Transform]
+    prepare_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Inferred:
+    """A batch after ``session.run``: its raw outputs (first rows only)."""
+
+    prepared: Prepared
+    outputs: list[np.ndarray]
+    model_s: float
+    runs: int
+
+
 class OrtModel:
     """A loaded, warmed-up model: ``predict(images) -> list[Detections]``."""
 
@@ -208,14 +228,53 @@ class OrtModel:
         """Run all images (HxWx3 uint8 BGR, any sizes) through the model."""
         return self._observed(images, None)
 
+    # The three steps of ``predict``, for a loop that overlaps them on threads:
+    # ``finish(infer(prepare(images)))`` is ``predict(images)``.
+
+    def prepare(
+        self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None = None
+    ) -> Prepared:
+        """Preprocess a batch (CPU): the session feeds and each input's transform."""
+        t0 = time.perf_counter()
+        if not images:
+            return Prepared(0, {}, [], 0.0)
+        feeds, transforms = self._prepare(images, cameras)
+        return Prepared(len(images), feeds, transforms, time.perf_counter() - t0)
+
+    def infer(self, prepared: Prepared) -> Inferred:
+        """Run the session on a prepared batch (observed in the metrics)."""
+        inferred = self._infer(prepared)
+        if prepared.n:
+            metrics.INFERENCE_SECONDS.labels(self.name).observe(inferred.model_s)
+            metrics.BATCH_SIZE.labels(self.name).observe(prepared.n)
+        return inferred
+
+    def finish(self, inferred: Inferred) -> list[Detections]:
+        """Decode the outputs into one Detections per image, in image pixels."""
+        prepared = inferred.prepared
+        t0 = time.perf_counter()
+        if not prepared.transforms:  # no image, or a top-down model with no ROI anywhere
+            detections = [Detections.empty(self.adapter.num_keypoints) for _ in range(prepared.n)]
+        else:
+            detections = self.adapter.postprocess(inferred.outputs, prepared.transforms)
+        self.last_timing = RunTiming(
+            prepared.n, inferred.runs, inferred.model_s, prepared.prepare_s,
+            time.perf_counter() - t0,
+        )
+        return detections
+
+    def _infer(self, prepared: Prepared) -> Inferred:
+        if not prepared.transforms:
+            return Inferred(prepared, [], 0.0, 0)
+        outputs, model_s, runs = self._run(prepared.feeds, len(prepared.transforms))
+        return Inferred(prepared, outputs, model_s, runs)
+
     def _observed(
         self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None
     ) -> list[Detections]:
-        detections = self._predict(images, cameras)
-        if images:
-            metrics.INFERENCE_SECONDS.labels(self.name).observe(self.last_timing.model_s)
-            metrics.BATCH_SIZE.labels(self.name).observe(len(images))
-        return detections
+        if not images:
+            return []
+        return self.finish(self.infer(self.prepare(images, cameras)))
 
     def _prepare(
         self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None
@@ -226,20 +285,10 @@ class OrtModel:
     def _predict(
         self, images: Sequence[ImageArray], cameras: Sequence[str | None] | None = None
     ) -> list[Detections]:
+        """``predict`` without metrics (warm-up)."""
         if not images:
             return []
-        t0 = time.perf_counter()
-        feeds, transforms = self._prepare(images, cameras)
-        t1 = time.perf_counter()
-        if not transforms:  # a top-down model with no ROI in any frame
-            self.last_timing = RunTiming(len(images), 0, 0.0, t1 - t0, 0.0)
-            return [Detections.empty(self.adapter.num_keypoints) for _ in images]
-        outputs, model_s, runs = self._run(feeds, len(transforms))
-        t2 = time.perf_counter()
-        detections = self.adapter.postprocess(outputs, transforms)
-        t3 = time.perf_counter()
-        self.last_timing = RunTiming(len(images), runs, model_s, t1 - t0, t3 - t2)
-        return detections
+        return self.finish(self._infer(self.prepare(images, cameras)))
 
     def _run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[list[np.ndarray], float, int]:
         return run_in_batches(self._session, self._output_names, feeds, n, self.info, self.name)

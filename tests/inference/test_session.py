@@ -65,6 +65,22 @@ def test_fixed_batch_runs_in_chunks_and_keeps_order(
     np.testing.assert_allclose([(d.boxes[0, 0] + 0.5) / 2 - 0.5 for d in dets], values, atol=1e-4)
 
 
+def test_prepare_infer_finish_is_predict_in_three_steps(model_factory: ModelFactory) -> None:
+    path = model_factory(rows=np.stack([make_row((0, 0, 10, 10), 0.9, 0)]), echo=True)
+    model = OrtModel(path, InferenceConfig(intra_op_threads=1, warmup_runs=1))
+    images = [frame(v) for v in (4, 9, 30)]
+    prepared = model.prepare(images)
+    assert prepared.n == 3 and len(prepared.transforms) == 3 and prepared.prepare_s > 0
+    inferred = model.infer(prepared)
+    assert inferred.runs == 1 and inferred.model_s > 0
+    staged = model.finish(inferred)
+    assert model.last_timing.batch_size == 3 and model.last_timing.runs == 1
+    for got, want in zip(staged, model.predict(images), strict=True):
+        np.testing.assert_array_equal(got.boxes, want.boxes)
+        np.testing.assert_array_equal(got.keypoints, want.keypoints)
+    assert model.finish(model.infer(model.prepare([]))) == []
+
+
 def test_empty_batch_returns_nothing_without_running(model_factory: ModelFactory) -> None:
     model = OrtModel(model_factory(), InferenceConfig(warmup_runs=0))
     assert model.predict([]) == []
