@@ -101,6 +101,7 @@ def test_a_short_real_bench(config_file: Path) -> None:
     assert result["peak_rss_mb"] > 10 and result["cpu_percent"] > 0
     assert result["machine"]["logical_cpus"] >= 1 and result["machine"]["onnxruntime"]
     assert result["sources"] == "replay of 90 frames" and result["capture_ms_per_frame"] > 0
+    assert len(result["raw_model_fps_runs"]) == 2  # before and after the pipeline
     assert result["frames_dropped"] == 0  # non-realtime cameras are paced by the model
 
 

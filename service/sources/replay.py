@@ -34,10 +34,19 @@ class ReplaySource:
         self._open = False
 
     def open(self) -> None:
-        if not self._images:
-            self._record()
+        self.record()
         self._index = 0
         self._open = True
+
+    @property
+    def images(self) -> list[ImageArray]:
+        """The recorded frames (empty before the first ``open`` or ``record``)."""
+        return list(self._images)
+
+    def record(self) -> None:
+        """Read the frames from the inner source, once (``open`` does it if needed)."""
+        if not self._images:
+            self._record()
 
     def read(self) -> ImageArray:
         if not self._open:
