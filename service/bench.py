@@ -36,6 +36,7 @@ from service.app import LoadedModel, Runtime, inference_config
 from service.config import Config, load_config
 from service.domain import ImageArray
 from service.errors import ConfigError, LineWatchError
+from service.inference.session import auto_intra_op_threads
 from service.pipeline import Message
 from service.sources.replay import ReplaySource
 
@@ -299,7 +300,7 @@ def run_bench(
         "cameras": len(loaded.cameras),
         "batch": raw.batch,
         "threads": {
-            "intra_op": loaded.config.intra_op_threads,
+            "intra_op": loaded.config.intra_op_threads or auto_intra_op_threads(),
             "inter_op": loaded.config.inter_op_threads,
         },
         "sources": f"replay of {replay_frames} frames" if replay_frames > 0 else "live",

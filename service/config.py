@@ -226,7 +226,9 @@ class ModelConfig(_Section):
     providers: Annotated[
         Literal["auto"] | list[ProviderName], BeforeValidator(_normalize_providers)
     ] = "auto"
-    intra_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime's default")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="0: auto, every usable core but one (at least one)"
+    )
     inter_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime's default")
     score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     max_detections: int | None = Field(

@@ -27,7 +27,8 @@ class InferenceConfig(BaseModel):
         "list in priority order: tensorrt, cuda, cpu or full ONNX Runtime provider names.",
     )
     intra_op_threads: int = Field(
-        default=0, ge=0, description="Threads inside an operator; 0 = ORT default."
+        default=0, ge=0,
+        description="Threads inside an operator; 0 = every usable core but one (at least one).",
     )
     inter_op_threads: int = Field(
         default=0, ge=0, description="Threads across operators; 0 = ORT default."

@@ -80,11 +80,24 @@ def resolve_providers(
     return names
 
 
+def auto_intra_op_threads() -> int:
+    """Threads for ``intra_op_threads: 0``: every usable core but one (at least one).
+
+    The spare core runs what the model thread does not: capture and decoding,
+    preprocessing the next batch, and the stages (tracking, poses, rules, messages)
+    of the last one, which all overlap the model (service.pipeline).  On a 2-core
+    machine one model thread plus that core outruns two model threads competing
+    with them (docs/benchmarks.md).
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (usable or 1) - 1)
+
+
 def _session_options(config: InferenceConfig) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = config.intra_op_threads
+    so.intra_op_num_threads = config.intra_op_threads or auto_intra_op_threads()
     so.inter_op_num_threads = config.inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

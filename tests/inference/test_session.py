@@ -101,6 +101,14 @@ def test_auto_provider_on_this_machine_is_what_actually_runs(
     assert REGISTRY.get_sample_value("linewatch_model_loaded", {"model": "auto-test"}) == 1.0
 
 
+def test_zero_threads_is_every_usable_core_but_one(model_factory: ModelFactory) -> None:
+    import os
+
+    model = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], intra_op_threads=0))
+    usable = len(os.sched_getaffinity(0))
+    assert model._session.get_session_options().intra_op_num_threads == max(1, usable - 1)
+
+
 def test_explicit_cpu_and_thread_counts(model_factory: ModelFactory) -> None:
     model = OrtModel(
         model_factory(), InferenceConfig(providers=["cpu"], intra_op_threads=1, inter_op_threads=1)
