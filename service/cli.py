@@ -299,6 +299,47 @@ def bench(
             typer.echo(f"{key:>16}: {value}")
 
 
+@app.command()
+@friendly_errors
+def soak(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
+    ] = None,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Measured run time.")] = 600.0,
+    warmup: Annotated[
+        float, typer.Option(min=0.0, help="Seconds before the RSS baseline is taken.")
+    ] = 60.0,
+    sample_every: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between RSS samples.")
+    ] = 10.0,
+    port: Annotated[int, typer.Option(min=0, help="Server port (0: a free one).")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
+) -> None:
+    """Run `linewatch serve` with a steady and a churning websocket client; is RSS flat?
+
+    The server runs as a subprocess with its store in a temporary directory; progress
+    goes to stderr. Exits 1 when the server does not exit 0 on SIGTERM.
+    """
+    import json as _json
+
+    from service.soak import render_summary, run_soak
+
+    result = run_soak(
+        config, seconds=seconds, warmup=warmup, sample_every=sample_every, port=port,
+        progress=lambda line: typer.echo(line, err=True),
+    )
+    typer.echo(_json.dumps(result) if json_out else render_summary(result))
+    if result["server_exit_code"] != 0 or not result["server_stopped_in_time"]:
+        typer.echo(
+            f"error: linewatch serve exited with {result['server_exit_code']} on SIGTERM "
+            f"(in time: {result['server_stopped_in_time']}); its log ends: "
+            f"{result['server_log_tail']}",
+            err=True,
+        )
+        raise typer.Exit(code=1)
+
+
 @rules_app.command("eval")
 @friendly_errors
 def rules_eval(
