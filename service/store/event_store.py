@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from service.domain import Event
@@ -118,7 +118,7 @@ class EventStore:
         self._engine = _make_engine(url)
         self._write_lock = threading.Lock()
         try:
-            tables.metadata.create_all(self._engine)
+            self._create_tables()
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise ConfigError(
@@ -126,6 +126,19 @@ class EventStore:
                 f"{getattr(exc, 'orig', exc)}; check the path, its permissions and that the "
                 "file is a LineWatch SQLite database"
             ) from exc
+
+    def _create_tables(self) -> None:
+        """Create the tables that are missing.  Two processes (or stores) opening the
+        same new file at once may both see a table missing and one of the CREATEs then
+        fails with "already exists": look again, a few times, before giving up."""
+        for attempt in range(5):
+            try:
+                tables.metadata.create_all(self._engine)
+                return
+            except OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
 
     def close(self) -> None:
         self._engine.dispose()

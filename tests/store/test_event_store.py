@@ -269,3 +269,24 @@ def test_no_stored_event_is_lost_when_the_writer_is_sigkilled(tmp_path: Path) ->
     assert cursors == sorted(set(cursors))
     # the restarted writer went on after the first one's last cursor
     assert len(acknowledged) >= 300
+
+
+def test_processes_creating_the_same_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    code = (
+        "import sys, time\n"
+        "from service.store import EventStore\n"
+        "start = float(sys.argv[2])\n"
+        "time.sleep(max(0.0, start - time.time()))\n"
+        "EventStore('sqlite:///' + sys.argv[1]).close()\n"
+    )
+    start = time.time() + 2.0  # all import first, then open together
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(db), str(start)],
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    with EventStore(f"sqlite:///{db}") as store:
+        assert store.list(limit=1) == ([], 0)
