@@ -95,11 +95,21 @@ def source_options(cam: CameraConfig) -> SourceOptions:
 
 
 def inference_config(mod: ModelConfig) -> InferenceConfig:
+    """How ONNX Runtime runs one configured model (what ``open_session`` and ``OrtModel`` read).
+
+    The GPU section passes through, except that the uint8-input graph is off when the
+    model's ``adapter.input`` overrides the input conversion (as ``OrtModel`` decides), so
+    a bare session built from this config (the bench's) takes the same feeds.
+    """
     from service.config import ORT_PROVIDERS
+    from service.inference.session import device_input_allowed
 
     providers: str | list[str] = (
         "auto" if mod.providers == "auto" else [ORT_PROVIDERS[p] for p in mod.providers]
     )
+    gpu = mod.gpu
+    if gpu.uint8_input and not device_input_allowed(mod.adapter.resolved().input):
+        gpu = gpu.model_copy(update={"uint8_input": False})
     return InferenceConfig(
         providers=providers,
         intra_op_threads=mod.intra_op_threads,
@@ -107,6 +117,8 @@ def inference_config(mod: ModelConfig) -> InferenceConfig:
         warmup_runs=mod.warmup_runs,
         score_threshold=mod.score_threshold,
         max_detections=mod.max_detections,
+        max_batch=mod.max_batch,
+        gpu=gpu,
     )
 
 

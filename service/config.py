@@ -49,6 +49,7 @@ from pydantic import (
 from service.errors import ConfigError
 from service.geometry.calibration import CalibrationConfig
 from service.inference.adapter_config import AdapterSpec, AutoSpec, tag_adapter
+from service.inference.config import GpuConfig
 from service.rules.config import LineConfig
 from service.tracking.config import TrackerConfig
 
@@ -241,11 +242,27 @@ class ModelConfig(_Section):
         default_factory=AutoSpec,
         description="auto (from the file) or a forced adapter with its settings (docs/models.md)",
     )
+    gpu: GpuConfig = Field(
+        default_factory=GpuConfig,
+        description="the GPU fast path on TensorRT/CUDA: fp16, engine cache, IO binding, "
+        "CUDA graphs (docs/models.md, GPU)",
+    )
 
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
         return _check_id(value)
+
+    @field_validator("gpu", mode="after")
+    @classmethod
+    def _resolve_engine_cache(cls, value: GpuConfig, info: ValidationInfo) -> GpuConfig:
+        """A relative engine_cache_dir resolves against the config file's directory."""
+        if value.engine_cache_dir is None:
+            return value
+        base = (info.context or {}).get("base_dir")
+        return value.model_copy(
+            update={"engine_cache_dir": resolve_model_path(value.engine_cache_dir, base)}
+        )
 
     @field_validator("path", mode="after")
     @classmethod

@@ -6,7 +6,9 @@ from its options.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -14,6 +16,52 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+
+
+class GpuConfig(BaseModel):
+    """The GPU fast path (TensorRT / CUDA execution providers); ignored on the CPU.
+
+    ``fp16`` and the engine cache apply to TensorRT; the uint8 input graph, IO binding
+    and CUDA graphs to both TensorRT and CUDA.  docs/models.md ("GPU") describes each.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fp16: bool = Field(
+        default=True, description="TensorRT builds an fp16 engine (layers stay fp32 where "
+        "TensorRT finds fp16 too imprecise). No effect on the CUDA provider."
+    )
+    engine_cache_dir: Path | None = Field(
+        default=None, description="Where TensorRT engines and timing caches are kept, one "
+        "sub-directory per model file and settings; default $XDG_CACHE_HOME/linewatch/trt "
+        "(~/.cache/linewatch/trt)."
+    )
+    io_binding: bool = Field(
+        default=True, description="Bind inputs and outputs on the device: each batch is "
+        "copied to the GPU once and its outputs back once."
+    )
+    uint8_input: bool = Field(
+        default=True, description="For a float NCHW model (e.g. an Ultralytics export), "
+        "prepend Cast, BGR->RGB, x/255 and NHWC->NCHW to the graph, so uint8 frames go to the "
+        "device and normalisation runs there."
+    )
+    cuda_graphs: bool = Field(
+        default=False, description="Capture the model as a CUDA graph and replay it (less "
+        "launch overhead). Needs a model with a fixed batch size and IO binding."
+    )
+    device_id: int = Field(default=0, ge=0, description="Which GPU (CUDA device index).")
+    workspace_gb: float = Field(
+        default=4.0, gt=0.0, le=1024.0, description="TensorRT builder workspace limit."
+    )
+
+    @model_validator(mode="after")
+    def _graphs_need_binding(self) -> GpuConfig:
+        if self.cuda_graphs and not self.io_binding:
+            raise ValueError(
+                "cuda_graphs: true needs io_binding: true (a CUDA graph replays on fixed "
+                "device buffers, which only IO binding provides)"
+            )
+        return self
 
 
 class InferenceConfig(BaseModel):
@@ -47,6 +95,12 @@ class InferenceConfig(BaseModel):
     max_detections: int | None = Field(
         default=None, ge=1, description="Keep at most this many per image."
     )
+    max_batch: int = Field(
+        default=8, ge=1, le=256, description="The largest batch the inference loop sends; on "
+        "TensorRT it sizes the optimisation profile of a dynamic-batch model (bigger batches "
+        "run in chunks of this size)."
+    )
+    gpu: GpuConfig = Field(default_factory=GpuConfig, description="The GPU fast path.")
 
     @field_validator("providers")
     @classmethod

@@ -1,13 +1,20 @@
-"""The GPU fast path's building blocks (onnxruntime-gpu; the CPU path never needs them).
+"""The GPU fast path (onnxruntime-gpu; the CPU path never needs it).
+
+:func:`service.inference.session.open_model_session` wires these together when the
+provider that runs a model is TensorRT or CUDA (``gpu:`` in the model's config):
 
 - :func:`uint8_input_model`: prepend Cast, BGR->RGB, scale and NHWC->NCHW to a float
   NCHW model, so that frames go to the device once as uint8 and normalisation and the
   layout change run on the device (inside the graph).
-- :func:`tensorrt_provider`: TensorRT options (fp16, engine + timing cache on disk, so
-  an engine is rebuilt only when the model or these settings change);
+- :func:`tensorrt_provider`: TensorRT options (fp16, engine + timing cache on disk in a
+  directory keyed by :func:`engine_cache_key`, so an engine is rebuilt only when the model
+  or these settings change; an optimisation profile for a dynamic batch);
   :func:`open_gpu_session` logs a line while an engine builds.
 - :class:`BoundRunner`: IO binding: inputs bound as device OrtValues, outputs
-  allocated on the device and copied back once.
+  allocated on the device and copied back once.  :class:`GraphRunner`: the same on fixed
+  device buffers, for CUDA graphs (captured once, replayed each run).
+- :class:`DeviceRunner`: ``run(feeds, n)`` over a batch (in chunks of the fixed batch or
+  the TensorRT profile's maximum) through one of the above.
 
 Runs on the CPU too (device ``cpu``), which is how its tests check it without a GPU.
 """
@@ -16,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +36,32 @@ from service.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# ONNX Runtime type strings -> numpy dtypes, for device buffers.
+_ORT_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+}
+
+
+def default_engine_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/linewatch/trt``, else ``~/.cache/linewatch/trt``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "linewatch" / "trt"
+
 
 def uint8_input_model(model: Any, input_name: str | None = None, bgr_to_rgb: bool = True,
-                      scale: float = 1.0 / 255.0) -> Any:
-    """A copy of ``model`` (onnx ModelProto, float NCHW input) taking uint8 NHWC BGR frames."""
+                      scale: float = 1.0 / 255.0, size: tuple[int, int] | None = None) -> Any:
+    """A copy of ``model`` (onnx ModelProto, float NCHW input) taking uint8 NHWC BGR frames.
+
+    The new input is named ``<input>_uint8_nhwc``; ``size`` = (H, W) fills spatial dims the
+    model leaves unnamed.  The copy's metadata says what it now takes (``input_layout``
+    NHWC, ``input_dtype`` uint8, ``input_color`` BGR, ``normalization`` in-graph), so the
+    adapters prepare plain uint8 frames for it.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -43,11 +74,15 @@ def uint8_input_model(model: Any, input_name: str | None = None, bgr_to_rgb: boo
     if target is None:
         raise ModelError(f"uint8_input_model: no input {input_name!r} in the model.")
     dims = target.type.tensor_type.shape.dim
-    if len(dims) != 4 or dims[1].dim_value != 3:
+    if (len(dims) != 4 or dims[1].dim_value != 3
+            or target.type.tensor_type.elem_type != TensorProto.FLOAT):
         raise ModelError("uint8_input_model: the model input must be float NCHW with 3 channels.")
     old = target.name
     new = old + "_uint8_nhwc"
-    shape = [d.dim_param or d.dim_value for d in dims]
+    shape: list[Any] = [d.dim_param or d.dim_value or None for d in dims]
+    if size is not None:
+        shape[2] = shape[2] or size[0]
+        shape[3] = shape[3] or size[1]
     raw = helper.make_tensor_value_info(
         new, TensorProto.UINT8, [shape[0], shape[2], shape[3], 3]
     )
@@ -67,15 +102,30 @@ def uint8_input_model(model: Any, input_name: str | None = None, bgr_to_rgb: boo
     existing = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *existing])
+    meta = {p.key: p.value for p in m.metadata_props}
+    meta.update(input_layout="NHWC", input_dtype="uint8", input_color="BGR",
+                normalization="in-graph")
+    del m.metadata_props[:]
+    helper.set_model_props(m, meta)
     onnx.checker.check_model(m)
     return m
 
 
-def tensorrt_provider(cache_dir: Path, fp16: bool = True, workspace_gb: float = 4.0,
-                      device_id: int = 0) -> tuple[str, dict[str, Any]]:
-    """TensorRT execution provider options: fp16, engine and timing caches in ``cache_dir``."""
+def tensorrt_provider(
+    cache_dir: Path,
+    fp16: bool = True,
+    workspace_gb: float = 4.0,
+    device_id: int = 0,
+    cuda_graph: bool = False,
+    profile: tuple[str, str, str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """TensorRT execution provider options: fp16, engine and timing caches in ``cache_dir``.
+
+    ``profile`` = (min, opt, max) shapes as ORT writes them (``"images:1x640x640x3"``), for a
+    model with a dynamic batch (an engine for the whole range, built once).
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return "TensorrtExecutionProvider", {
+    opts: dict[str, Any] = {
         "device_id": device_id,
         "trt_fp16_enable": fp16,
         "trt_engine_cache_enable": True,
@@ -85,17 +135,47 @@ def tensorrt_provider(cache_dir: Path, fp16: bool = True, workspace_gb: float = 
         "trt_max_workspace_size": int(workspace_gb * 2**30),
         "trt_builder_optimization_level": 3,
     }
+    if cuda_graph:
+        opts["trt_cuda_graph_enable"] = True
+    if profile is not None:
+        opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"], \
+            opts["trt_profile_max_shapes"] = profile
+    return TENSORRT, opts
 
 
-def cuda_provider(device_id: int = 0) -> tuple[str, dict[str, Any]]:
-    return "CUDAExecutionProvider", {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+def cuda_provider(device_id: int = 0, cuda_graph: bool = False) -> tuple[str, dict[str, Any]]:
+    opts: dict[str, Any] = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+    if cuda_graph:
+        opts["enable_cuda_graph"] = True
+    return CUDA, opts
 
 
-def engine_cache_key(model_path: Path, options: dict[str, Any]) -> str:
-    """What the engine depends on: the model bytes and the provider settings."""
-    h = hashlib.sha256(model_path.read_bytes())
-    h.update(repr(sorted(options.items())).encode())
+def engine_cache_key(model: Path | bytes, options: dict[str, Any]) -> str:
+    """What an engine depends on: the model bytes, the provider settings (not the cache
+    paths) and the ONNX Runtime version."""
+    import onnxruntime as ort
+
+    h = hashlib.sha256(model.read_bytes() if isinstance(model, Path) else model)
+    settings = {k: v for k, v in options.items() if not k.endswith("_path")}
+    h.update(repr(sorted(settings.items())).encode())
+    h.update(ort.__version__.encode())
     return h.hexdigest()[:16]
+
+
+def keyed_tensorrt_provider(
+    model: Path | bytes, cache_root: Path, **kwargs: Any
+) -> tuple[tuple[str, dict[str, Any]], Path]:
+    """:func:`tensorrt_provider` with its caches in ``cache_root/<engine_cache_key>``."""
+    name, opts = tensorrt_provider(cache_root, **kwargs)
+    key_dir = cache_root / engine_cache_key(model, opts)
+    key_dir.mkdir(parents=True, exist_ok=True)
+    opts["trt_engine_cache_path"] = str(key_dir)
+    opts["trt_timing_cache_path"] = str(key_dir)
+    return (name, opts), key_dir
+
+
+def engine_cached(key_dir: Path) -> bool:
+    return any(key_dir.glob("*.engine"))
 
 
 def open_gpu_session(
@@ -109,20 +189,16 @@ def open_gpu_session(
     import onnxruntime as ort
 
     chosen: list[Any] = []
-    key_dir = cache_dir
+    key_dir: Path | None = None
     for p in providers:
         if p == "tensorrt":
-            name, opts = tensorrt_provider(cache_dir, fp16)
-            key_dir = cache_dir / engine_cache_key(model_path, opts)
-            opts["trt_engine_cache_path"] = str(key_dir)
-            opts["trt_timing_cache_path"] = str(key_dir)
-            key_dir.mkdir(parents=True, exist_ok=True)
-            chosen.append((name, opts))
+            provider, key_dir = keyed_tensorrt_provider(model_path, cache_dir, fp16=fp16)
+            chosen.append(provider)
         elif p == "cuda":
             chosen.append(cuda_provider())
         else:
             chosen.append("CPUExecutionProvider")
-    building = "tensorrt" in providers and not any(key_dir.glob("*.engine"))
+    building = key_dir is not None and not engine_cached(key_dir)
     if building:
         log.info("building a TensorRT engine for %s (fp16=%s); this takes a minute or more, "
                  "once: it is cached in %s", model_path, fp16, key_dir)
@@ -132,6 +208,12 @@ def open_gpu_session(
     if building:
         log.info("TensorRT engine for %s ready in %.1f s", model_path, time.perf_counter() - t0)
     return session
+
+
+def _device_value(value: np.ndarray, device: str, device_id: int) -> Any:
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
 
 
 class BoundRunner:
@@ -144,15 +226,120 @@ class BoundRunner:
         self.output_names = [o.name for o in session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import onnxruntime as ort
-
         binding = self.session.io_binding()
+        values = []  # keep the device copies alive until the run is done
         for name, value in feeds.items():
-            ortvalue = ort.OrtValue.ortvalue_from_numpy(
-                np.ascontiguousarray(value), self.device, self.device_id
-            )
+            ortvalue = _device_value(value, self.device, self.device_id)
+            values.append(ortvalue)
             binding.bind_ortvalue_input(name, ortvalue)
         for name in self.output_names:
             binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         return [np.asarray(o) for o in binding.copy_outputs_to_cpu()]
+
+
+def static_shape(shape: Sequence[Any]) -> tuple[int, ...] | None:
+    """The shape when every dim is a positive int, else None."""
+    dims = tuple(shape)
+    if all(isinstance(d, int) and d > 0 for d in dims):
+        return dims  # type: ignore[return-value]
+    return None
+
+
+class GraphRunner:
+    """IO binding on fixed device buffers (what CUDA graphs need): bound once, inputs
+    updated in place, the captured graph replayed each run.  All shapes must be static."""
+
+    def __init__(self, session: Any, device: str = "cuda", device_id: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.session = session
+        self._binding = session.io_binding()
+        self._inputs: dict[str, Any] = {}
+        self._outputs: list[Any] = []
+        self._lock = threading.Lock()
+        for arg, is_input in [(a, True) for a in session.get_inputs()] + [
+                (a, False) for a in session.get_outputs()]:
+            shape = static_shape(arg.shape or ())
+            dtype = _ORT_NUMPY.get(arg.type)
+            if shape is None or dtype is None:
+                raise ModelError(
+                    f"CUDA graphs need static shapes and plain tensor types; "
+                    f"{'input' if is_input else 'output'} {arg.name!r} is {arg.type} {arg.shape}."
+                )
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
+            if is_input:
+                self._inputs[arg.name] = value
+                self._binding.bind_ortvalue_input(arg.name, value)
+            else:
+                self._outputs.append(value)
+                self._binding.bind_ortvalue_output(arg.name, value)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self._lock:  # one set of device buffers
+            for name, value in feeds.items():
+                self._inputs[name].update_inplace(np.ascontiguousarray(value))
+            self.session.run_with_iobinding(self._binding)
+            return [np.asarray(o) for o in self._binding.copy_outputs_to_cpu()]
+
+
+class DeviceRunner:
+    """``run(feeds, n) -> (outputs, model seconds, runs)`` over a batch on the device.
+
+    A fixed-batch model runs in padded chunks of its batch size; a dynamic one in one run,
+    or in chunks of ``max_chunk`` (the TensorRT profile's largest batch).  ``mode`` is
+    ``graph`` (:class:`GraphRunner`), ``bound`` (:class:`BoundRunner`) or ``plain``
+    (``session.run``).
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        name: str,
+        mode: str,
+        fixed_batch: int | None,
+        max_chunk: int | None = None,
+        device: str = "cuda",
+        device_id: int = 0,
+    ) -> None:
+        self.name = name
+        self.mode = mode
+        self.fixed_batch = fixed_batch
+        self.max_chunk = max_chunk
+        output_names = [o.name for o in session.get_outputs()]
+        self._call: Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+        if mode == "graph":
+            self._call = GraphRunner(session, device, device_id).run
+        elif mode == "bound":
+            self._call = BoundRunner(session, device, device_id).run
+        else:
+            self._call = lambda feeds: session.run(output_names, feeds)
+
+    def run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[list[np.ndarray], float, int]:
+        chunk = self.fixed_batch or (min(n, self.max_chunk) if self.max_chunk else n)
+        pieces: list[list[np.ndarray]] = []
+        model_s = 0.0
+        for start in range(0, n, chunk):
+            part = {k: _pad(v[start:start + chunk], chunk) if self.fixed_batch
+                    else v[start:start + chunk] for k, v in feeds.items()}
+            t = time.perf_counter()
+            try:
+                out = self._call(part)
+            except Exception as exc:  # ORT raises its own RuntimeError subclasses
+                raise ModelError(
+                    f"Model {self.name!r} failed to run on a batch of "
+                    f"{next(iter(part.values())).shape[0]} ({self.mode} run on the device: "
+                    f"{type(exc).__name__}: {str(exc).strip()[:300]})."
+                ) from exc
+            model_s += time.perf_counter() - t
+            pieces.append([np.asarray(o) for o in out])
+        if len(pieces) == 1:
+            return [o[:n] for o in pieces[0]], model_s, 1
+        merged = [np.concatenate([p[i] for p in pieces])[:n] for i in range(len(pieces[0]))]
+        return merged, model_s, len(pieces)
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[0] == size:
+        return x
+    return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)])

@@ -4,6 +4,13 @@
 actually runs is checked after the session is built (ONNX Runtime silently falls
 back to the CPU when a GPU provider fails to load), logged at INFO, exposed as
 ``provider`` and set on the ``inference_provider`` metric.
+
+When TensorRT or CUDA is asked for and an NVIDIA driver is present,
+:func:`open_model_session` takes the GPU fast path (``config.gpu``, service/inference/gpu.py):
+TensorRT options (fp16, engine cache), the uint8-input graph for float NCHW models, and
+:class:`~service.inference.gpu.DeviceRunner` (IO binding, CUDA graphs) for the runs;
+``OrtModel.device_setup`` says what is on.  On the CPU none of it is built and a batch
+runs through :func:`run_in_batches` as before.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import numpy as np
 
 from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
-from service.inference.adapter_config import AdapterConfig
+from service.inference.adapter_config import AdapterConfig, InputOverride
 from service.inference.adapters import Adapter, configured_adapter
-from service.inference.config import PROVIDER_ALIASES, InferenceConfig
-from service.inference.metadata import ModelInfo, model_info_from_session
+from service.inference.config import PROVIDER_ALIASES, GpuConfig, InferenceConfig
+from service.inference.gpu import DeviceRunner
+from service.inference.metadata import ModelInfo, model_info_from_session, read_model_info
 from service.inference.preprocess import Transform
 from service.telemetry import metrics
 
@@ -109,7 +117,111 @@ def _session_options(config: InferenceConfig) -> Any:
 
 
 def open_session(path: Path, config: InferenceConfig) -> tuple[Any, list[str]]:
-    """Build the ORT session; return it with the provider list that was requested."""
+    """Build the ORT session; return it with the provider list that was requested.
+
+    On a GPU provider this is the session :class:`OrtModel` runs (TensorRT options, the
+    uint8-input graph), without CUDA graphs: a plain ``session.run`` loop (the bench's bare
+    loop) cannot feed a captured graph.
+    """
+    session, requested, _ = open_model_session(path, config, cuda_graphs=False)
+    return session, requested
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSetup:
+    """How a model runs on its GPU provider (``OrtModel.device_setup``; None on the CPU)."""
+
+    provider: str
+    device: str  # OrtValue device: "cuda" ("cpu" only in tests)
+    device_id: int
+    uint8_input: bool  # the uint8 NHWC graph: normalisation and layout change on the device
+    io_binding: bool
+    fp16: bool  # a TensorRT fp16 engine
+    cuda_graphs: bool
+    engine_cache_dir: Path | None  # this model's TensorRT cache directory
+    profile_max_batch: int | None  # TensorRT's optimisation profile for a dynamic batch
+    notes: tuple[str, ...] = ()  # why something asked for is off
+
+    def describe(self) -> str:
+        def on(flag: bool) -> str:
+            return "on" if flag else "off"
+
+        text = (f"io_binding {on(self.io_binding)}, fp16 {on(self.fp16)}, cuda_graphs "
+                f"{on(self.cuda_graphs)}, uint8 input on the device {on(self.uint8_input)}")
+        if self.engine_cache_dir is not None:
+            text += f", engine cache {self.engine_cache_dir}"
+        return text + "".join(f"; {n}" for n in self.notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (for the API)."""
+        return {
+            "provider": self.provider, "device_id": self.device_id,
+            "uint8_input": self.uint8_input, "io_binding": self.io_binding, "fp16": self.fp16,
+            "cuda_graphs": self.cuda_graphs,
+            "engine_cache_dir": str(self.engine_cache_dir) if self.engine_cache_dir else None,
+            "notes": list(self.notes),
+        }
+
+
+def _device_for(provider: str, driver: bool) -> str | None:
+    """The OrtValue device of the GPU fast path for ``provider``; None: the plain CPU path.
+
+    (Tests replace this to run the fast path's wiring on the CPU.)
+    """
+    return "cuda" if driver and provider in GPU_PROVIDERS else None
+
+
+def device_input_allowed(override: InputOverride) -> bool:
+    """False when the config overrides how the input is converted (layout, color, dtype,
+    normalisation): the uint8-input graph follows the file's own input spec only."""
+    return all(getattr(override, k) is None
+               for k in ("layout", "color", "dtype", "normalization", "mean", "std"))
+
+
+def check_cuda_graphs(info: ModelInfo, gpu: GpuConfig, name: str) -> None:
+    """Refuse ``gpu.cuda_graphs`` for a model with a dynamic batch (its shapes vary)."""
+    if gpu.cuda_graphs and info.dynamic_batch:
+        dim = info.inputs[0].shape[0] if info.inputs and info.inputs[0].shape else None
+        raise ModelError(
+            f"Model {name!r}: gpu.cuda_graphs needs a fixed batch size, but "
+            f"{str(info.path)!r} has a dynamic batch dimension ({dim!r}). Export it with a "
+            "static batch (e.g. Ultralytics: export(format='onnx', batch=8, dynamic=False)) "
+            "or set gpu.cuda_graphs: false."
+        )
+
+
+def _uint8_wrappable(info: ModelInfo) -> bool:
+    spec = info.input
+    return (spec.layout == "NCHW" and spec.dtype == "float32" and spec.normalization == "unit"
+            and len(info.inputs) == 1 and info.inputs[0].dtype == "float32")
+
+
+def _create_session(
+    model: str | bytes, so: Any, providers: Sequence[Any], path: Path
+) -> Any:
+    import onnxruntime as ort
+
+    captured = io.StringIO()
+    try:
+        # ORT prints its provider fall-back to stdout; keep stdout clean for --json output.
+        with contextlib.redirect_stdout(captured):
+            session = ort.InferenceSession(model, sess_options=so, providers=list(providers))
+    except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, ...
+        raise ModelError(
+            f"Model file {str(path)!r} could not be loaded by ONNX Runtime "
+            f"({type(exc).__name__}: {str(exc).strip()[:300]}). Is it a complete, valid ONNX "
+            "file exported for opset <= the installed runtime supports?"
+        ) from exc
+    if captured.getvalue().strip():
+        log.info("onnxruntime: %s", " ".join(captured.getvalue().split()))
+    return session
+
+
+def open_model_session(
+    path: Path, config: InferenceConfig, *, cuda_graphs: bool = True
+) -> tuple[Any, list[str], DeviceSetup | None]:
+    """The ORT session, the requested providers and, on a GPU provider, the fast path's
+    setup (None on the CPU: the session is built exactly as without a GPU)."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -121,22 +233,110 @@ def open_session(path: Path, config: InferenceConfig) -> tuple[Any, list[str]]:
     requested = resolve_providers(config.providers, ort.get_available_providers(), gpu)
     if config.providers == "auto" and not gpu:
         log.debug("no NVIDIA driver found: skipping GPU execution providers")
-    captured = io.StringIO()
-    try:
-        # ORT prints its provider fall-back to stdout; keep stdout clean for --json output.
-        with contextlib.redirect_stdout(captured):
-            session = ort.InferenceSession(
-                str(path), sess_options=_session_options(config), providers=requested
+    device = _device_for(requested[0], gpu)
+    if device is None:
+        session = _create_session(str(path), _session_options(config), requested, path)
+        return session, requested, None
+    return _open_on_device(path, config, requested, device, cuda_graphs)
+
+
+def _open_on_device(
+    path: Path, config: InferenceConfig, requested: list[str], device: str, graphs_ok: bool
+) -> tuple[Any, list[str], DeviceSetup | None]:
+    """The GPU fast path: TensorRT/CUDA options, the uint8 graph, CUDA graphs if static."""
+    from service.inference import gpu as g
+
+    opts = config.gpu
+    info = read_model_info(path)
+    check_cuda_graphs(info, opts, path.stem)
+    notes: list[str] = []
+    wrap = opts.uint8_input and _uint8_wrappable(info)
+    model: str | bytes = str(path)
+    model_bytes: Path | bytes = path
+    if wrap:
+        import onnx
+
+        spec = info.input
+        wrapped = g.uint8_input_model(onnx.load(str(path)), spec.name,
+                                      bgr_to_rgb=spec.color == "RGB",
+                                      size=(spec.height, spec.width))
+        model = model_bytes = wrapped.SerializeToString()
+    graphs = opts.cuda_graphs and graphs_ok
+    if graphs:
+        dynamic = [t.describe() for t in (*info.inputs, *info.outputs)
+                   if g.static_shape(t.shape) is None]
+        if dynamic:
+            graphs = False
+            notes.append(f"cuda_graphs off: dynamic shapes ({'; '.join(dynamic)})")
+    profile = None
+    in_name = info.input.name + ("_uint8_nhwc" if wrap else "")
+    input_dims = info.inputs[0].shape if info.inputs else ()
+    if g.static_shape(input_dims) is None:
+        h, w = info.input.height, info.input.width
+        nhwc = wrap or info.input.layout == "NHWC"
+
+        def shape(b: int) -> str:
+            dims = (b, h, w, 3) if nhwc else (b, 3, h, w)
+            return f"{in_name}:{'x'.join(map(str, dims))}"
+
+        b_max = config.max_batch if info.dynamic_batch else (info.fixed_batch or 1)
+        profile = (shape(1 if info.dynamic_batch else b_max), shape(b_max), shape(b_max))
+    providers: list[Any] = []
+    key_dir: Path | None = None
+    for name in requested:
+        if name == g.TENSORRT:
+            provider, key_dir = g.keyed_tensorrt_provider(
+                model_bytes, (opts.engine_cache_dir or g.default_engine_cache_dir()).expanduser(),
+                fp16=opts.fp16, workspace_gb=opts.workspace_gb, device_id=opts.device_id,
+                cuda_graph=graphs, profile=profile,
             )
-    except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, ...
-        raise ModelError(
-            f"Model file {str(path)!r} could not be loaded by ONNX Runtime "
-            f"({type(exc).__name__}: {str(exc).strip()[:300]}). Is it a complete, valid ONNX "
-            "file exported for opset <= the installed runtime supports?"
-        ) from exc
-    if captured.getvalue().strip():
-        log.info("onnxruntime: %s", " ".join(captured.getvalue().split()))
-    return session, requested
+            providers.append(provider)
+        elif name == g.CUDA:
+            providers.append(g.cuda_provider(opts.device_id, cuda_graph=graphs))
+        else:
+            providers.append(name)
+    if key_dir is not None and isinstance(model, bytes):
+        # TensorRT names its engine files after the model path: load the graph from a file.
+        target = key_dir / "model-uint8.onnx"
+        if not target.is_file() or target.read_bytes() != model:
+            target.write_bytes(model)
+        model = str(target)
+    building = key_dir is not None and not g.engine_cached(key_dir)
+    if building:
+        log.info("building a TensorRT engine for %s (fp16=%s); this takes a minute or more, "
+                 "once: it is cached in %s", path, opts.fp16, key_dir)
+    t0 = time.perf_counter()
+    so = _session_options(config)
+    try:
+        session = _create_session(model, so, providers, path)
+    except ModelError as exc:
+        if not graphs:
+            raise
+        log.warning("model %s: CUDA graphs could not be enabled (%s); running without them",
+                    path, exc)
+        notes.append("cuda_graphs off: the session refused them (see the log)")
+        graphs = False
+        providers = [(p[0], {k: v for k, v in p[1].items()
+                             if k not in ("trt_cuda_graph_enable", "enable_cuda_graph")})
+                     if isinstance(p, tuple) else p for p in providers]
+        session = _create_session(model, _session_options(config), providers, path)
+    active = session.get_providers()[0]
+    if building and active == g.TENSORRT:
+        log.info("TensorRT engine for %s ready in %.1f s", path, time.perf_counter() - t0)
+    if _device_for(active, True) is None and device != "cpu":
+        # fell back to the CPU: run the plain CPU session, exactly as without a GPU
+        if CPU in requested:
+            session = _create_session(str(path), _session_options(config), [CPU], path)
+        return session, requested, None
+    setup = DeviceSetup(
+        provider=active, device=device, device_id=opts.device_id, uint8_input=wrap,
+        io_binding=opts.io_binding, fp16=opts.fp16 and active == g.TENSORRT,
+        cuda_graphs=graphs, engine_cache_dir=key_dir if active == g.TENSORRT else None,
+        profile_max_batch=(config.max_batch if active == g.TENSORRT and info.dynamic_batch
+                           else None),
+        notes=tuple(notes),
+    )
+    return session, requested, setup
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +373,21 @@ class OrtModel:
         self.config = config or InferenceConfig()
         self.settings = settings or AdapterConfig()
         self.name = name or self.path.stem
-        self._session, requested = open_session(self.path, self.config)
+        session_config = self.config
+        if self.config.gpu.uint8_input and not device_input_allowed(self.settings.input):
+            session_config = self.config.model_copy(
+                update={"gpu": self.config.gpu.model_copy(update={"uint8_input": False})}
+            )
+        self._session, requested, self.device_setup = open_model_session(
+            self.path, session_config
+        )
         self._providers: tuple[str, ...] = tuple(self._session.get_providers())
         self._check_provider(requested)
         self.info: ModelInfo
         self.info, normalizer, choice = configured_adapter(
             model_info_from_session(self.path, self._session), self.settings
         )
+        check_cuda_graphs(self.info, self.config.gpu, self.name)
         self.adapter: Adapter = choice.adapter(
             self.info, self.config.score_threshold, self.config.max_detections, self.settings,
             normalizer,
@@ -188,13 +396,17 @@ class OrtModel:
         self._before_warm_up()
         self._output_names = [o.name for o in self.info.outputs]
         self.last_timing = RunTiming(0, 0, 0.0, 0.0, 0.0)
+        self._device_runner: DeviceRunner | None = None
+        if self.device_setup is not None:
+            self._device_runner = self._make_device_runner(self.device_setup)
         self._warm_up()
         log.info(
-            "model %s (%s): provider %s, adapter %s (%s), input %dx%d %s %s, %s batch",
+            "model %s (%s): provider %s, adapter %s (%s), input %dx%d %s %s, %s batch%s",
             self.name, self.path, self.provider, self.adapter.name, self.adapter_reason,
             self.info.input.width, self.info.input.height, self.info.input.layout,
             self.info.input.dtype,
             "dynamic" if self.info.dynamic_batch else f"fixed {self.info.fixed_batch}",
+            f"; GPU: {self.device_setup.describe()}" if self.device_setup else "",
         )
         for p in (*GPU_PROVIDERS, CPU):
             metrics.PROVIDER.labels(self.name, p).set(1.0 if p == self.provider else 0.0)
@@ -202,6 +414,18 @@ class OrtModel:
 
     def _before_warm_up(self) -> None:
         """Hook for subclasses: checks that need the adapter, before the first run."""
+
+    def _make_device_runner(self, setup: DeviceSetup) -> DeviceRunner:
+        mode = "graph" if setup.cuda_graphs else "bound" if setup.io_binding else "plain"
+        return DeviceRunner(
+            self._session, self.name, mode, self.info.fixed_batch, setup.profile_max_batch,
+            setup.device, setup.device_id,
+        )
+
+    @property
+    def acceleration(self) -> dict[str, Any] | None:
+        """The GPU fast path's settings as they run (None on the CPU), for the API."""
+        return None if self.device_setup is None else self.device_setup.to_dict()
 
     @property
     def classes(self) -> tuple[ClassInfo, ...]:
@@ -304,7 +528,11 @@ class OrtModel:
         return self.finish(self._infer(self.prepare(images, cameras)))
 
     def _run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[list[np.ndarray], float, int]:
-        return run_in_batches(self._session, self._output_names, feeds, n, self.info, self.name)
+        if self._device_runner is None:
+            return run_in_batches(
+                self._session, self._output_names, feeds, n, self.info, self.name
+            )
+        return self._device_runner.run(feeds, n)
 
 
 def run_in_batches(

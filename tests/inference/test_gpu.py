@@ -1,22 +1,49 @@
-"""GPU fast path: the uint8 input wrapper and IO binding (checked on the CPU), and the
+"""GPU fast path: the uint8 input graph, IO binding, CUDA-graph buffers and the config
+(checked on the CPU, with the fast path's wiring forced onto the CPU provider), and the
 CUDA/TensorRT results against the CPU's (skipped without an NVIDIA GPU)."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import ValidationError
 
-from service.inference.gpu import BoundRunner, open_gpu_session, uint8_input_model
-from service.inference.metadata import InputSpec
+import service.inference.session as session_mod
+from service.app import inference_config
+from service.config import load_config
+from service.domain import Detections
+from service.errors import ConfigError, ModelError
+from service.inference import InferenceConfig, OrtModel
+from service.inference.adapter_config import AdapterConfig, InputOverride
+from service.inference.config import GpuConfig
+from service.inference.gpu import (
+    BoundRunner,
+    DeviceRunner,
+    GraphRunner,
+    default_engine_cache_dir,
+    open_gpu_session,
+    uint8_input_model,
+)
+from service.inference.metadata import InputSpec, read_model_info
 from service.inference.preprocess import to_layout
-from service.inference.session import nvidia_driver_present
+from service.inference.session import CPU, nvidia_driver_present
+from tests.inference.onnx_factory import K, default_metadata, make_row
 
 HAS_GPU = nvidia_driver_present() and "CUDAExecutionProvider" in ort.get_available_providers()
+HAS_TRT = HAS_GPU and "TensorrtExecutionProvider" in ort.get_available_providers()
+NEEDS_GPU = pytest.mark.skipif(not HAS_GPU, reason="no NVIDIA GPU / CUDA provider on this machine")
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "models/zoo/linewatch-parts-s.onnx"
+YOLO_ONNX = os.environ.get("LINEWATCH_TEST_YOLO_ONNX", "")  # set by scripts/gpu-check
 
 
 def float_model(path: Path) -> Path:
@@ -35,6 +62,78 @@ def float_model(path: Path) -> Path:
     return path
 
 
+def float_pose_model(path: Path, batch: int | str = "batch", h: int = 240, w: int = 320,
+                     rows: int = 4) -> Path:
+    """An end2end pose model with a float NCHW RGB 0..1 input (as Ultralytics exports are)
+    whose first row moves with the per-channel means (R + 10 G + 100 B px), so a wrong
+    channel order, scale or layout changes the boxes and keypoints."""
+    d = 6 + K * 3
+    block = np.zeros((1, rows, d), np.float32)
+    block[0, 0] = make_row((20, 40, 80, 80), 0.9, 1,
+                           np.array([[30 + 8 * i, 50 + 4 * i, 0.9] for i in range(K)]))
+    block[0, 1] = make_row((150, 100, 220, 180), 0.8, 0)
+    weights = np.zeros((3, rows * d), np.float32)
+    for col in [0, 2, *[6 + 3 * k for k in range(K)]]:  # x1, x2 and every keypoint x of row 0
+        weights[:, col] = [1.0, 10.0, 100.0]
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["m", "wts"], ["shift"]),
+        helper.make_node("Reshape", ["shift", "shape"], ["shift3"]),
+        helper.make_node("Add", ["shift3", "block"], ["detections"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "float_pose",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, h, w])],
+        [helper.make_tensor_value_info("detections", TensorProto.FLOAT, [batch, rows, d])],
+        initializer=[numpy_helper.from_array(block, "block"),
+                     numpy_helper.from_array(weights, "wts"),
+                     numpy_helper.from_array(np.array([-1, rows, d], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = default_metadata(h, w)
+    meta.update(input_layout="NCHW", input_dtype="float32", input_color="RGB",
+                normalization="unit")
+    helper.set_model_props(model, meta)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = [(480, 640), (240, 320), (300, 500), (720, 1280)]
+    out = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        img = np.empty((h, w, 3), np.uint8)
+        img[..., 0] = rng.integers(0, 60)  # B, G, R at distinct levels per frame
+        img[..., 1] = rng.integers(60, 140)
+        img[..., 2] = rng.integers(140, 255)
+        out.append(img)
+    return out
+
+
+def assert_same(a: list[Detections], b: list[Detections], px: float = 0.02) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert len(x) == len(y)
+        np.testing.assert_array_equal(x.class_ids, y.class_ids)
+        np.testing.assert_allclose(x.boxes, y.boxes, atol=px)
+        np.testing.assert_allclose(x.keypoints[..., :2], y.keypoints[..., :2], atol=px)
+        np.testing.assert_allclose(x.scores, y.scores, atol=1e-3)
+
+
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run the GPU fast path's wiring (uint8 graph, DeviceRunner) on the CPU provider."""
+    monkeypatch.setattr(session_mod, "_device_for", lambda provider, driver: "cpu")
+    yield
+
+
+# --- building blocks -------------------------------------------------------------------
+
+
 def test_uint8_wrapper_equals_host_normalisation_and_io_binding(tmp_path: Path) -> None:
     path = float_model(tmp_path / "f.onnx")
     wrapped = tmp_path / "u8.onnx"
@@ -49,11 +148,214 @@ def test_uint8_wrapper_equals_host_normalisation_and_io_binding(tmp_path: Path) 
     np.testing.assert_allclose(out, ref, rtol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="no NVIDIA GPU / CUDA provider on this machine")
+def test_uint8_wrapper_metadata_says_what_the_graph_now_takes(tmp_path: Path) -> None:
+    path = float_pose_model(tmp_path / "f.onnx")
+    wrapped = tmp_path / "u8.onnx"
+    onnx.save(uint8_input_model(onnx.load(str(path))), str(wrapped))
+    spec = read_model_info(wrapped).input
+    assert (spec.name, spec.layout, spec.dtype, spec.color, spec.normalization) == (
+        "images_uint8_nhwc", "NHWC", "uint8", "BGR", "in-graph")
+    assert (spec.height, spec.width) == (240, 320)
+    with pytest.raises(ModelError, match="float NCHW"):
+        uint8_input_model(onnx.load(str(wrapped)))  # already uint8 NHWC
+
+
+def test_bound_and_graph_runners_on_cpu_equal_session_run(tmp_path: Path) -> None:
+    path = float_pose_model(tmp_path / "f.onnx", batch=2)
+    sess = ort.InferenceSession(str(path), providers=[CPU])
+    x = np.random.default_rng(3).random((2, 3, 240, 320), dtype=np.float32)
+    ref = sess.run(None, {"images": x})[0]
+    np.testing.assert_array_equal(BoundRunner(sess, "cpu").run({"images": x})[0], ref)
+    graph = GraphRunner(sess, "cpu")
+    for scale in (1.0, 0.5):  # the same buffers, updated in place
+        out = graph.run({"images": x * scale})[0]
+        np.testing.assert_allclose(out, sess.run(None, {"images": x * scale})[0], rtol=1e-6)
+
+
+def test_graph_runner_refuses_dynamic_shapes(tmp_path: Path) -> None:
+    sess = ort.InferenceSession(str(float_pose_model(tmp_path / "f.onnx")), providers=[CPU])
+    with pytest.raises(ModelError, match="static shapes"):
+        GraphRunner(sess, "cpu")
+
+
+@pytest.mark.parametrize(("batch", "max_chunk", "n", "runs"),
+                         [(2, None, 3, 2), ("batch", 4, 9, 3), ("batch", None, 9, 1)])
+def test_device_runner_chunks_like_the_cpu_path(
+    tmp_path: Path, batch: int | str, max_chunk: int | None, n: int, runs: int
+) -> None:
+    sess = ort.InferenceSession(str(float_pose_model(tmp_path / "f.onnx", batch=batch)),
+                                providers=[CPU])
+    x = np.random.default_rng(4).random((n, 3, 240, 320), dtype=np.float32)
+    fixed = batch if isinstance(batch, int) else None
+    out, model_s, got_runs = DeviceRunner(sess, "m", "bound", fixed, max_chunk, "cpu").run(
+        {"images": x}, n)
+    one = ort.InferenceSession(str(float_pose_model(tmp_path / "d.onnx")), providers=[CPU])
+    expected = np.concatenate([one.run(None, {"images": x[i:i + 1]})[0] for i in range(n)])
+    assert got_runs == runs and model_s > 0
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+
+
+# --- config ----------------------------------------------------------------------------
+
+
+def test_gpu_config_defaults_and_refusals() -> None:
+    gpu = InferenceConfig().gpu
+    assert (gpu.fp16, gpu.io_binding, gpu.uint8_input, gpu.cuda_graphs, gpu.device_id) == (
+        True, True, True, False, 0)
+    assert default_engine_cache_dir().parts[-2:] == ("linewatch", "trt")
+    with pytest.raises(ValidationError, match="cuda_graphs: true needs io_binding"):
+        GpuConfig(cuda_graphs=True, io_binding=False)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        GpuConfig.model_validate({"fp32": True})
+
+
+def test_model_gpu_section_in_a_config_file(tmp_path: Path, model_factory: Any) -> None:
+    model = model_factory()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "cameras:\n  - id: cam\n    source: sim://conveyor\nmodels:\n  - id: m\n"
+        f"    path: {model}\n    max_batch: 16\n    gpu:\n      fp16: false\n"
+        "      engine_cache_dir: trt-cache\n      cuda_graphs: true\n      device_id: 1\n"
+    )
+    mod = load_config(cfg).models[0]
+    assert mod.gpu.engine_cache_dir == tmp_path / "trt-cache"  # relative to the config file
+    ic = inference_config(mod)
+    assert (ic.max_batch, ic.gpu.fp16, ic.gpu.cuda_graphs, ic.gpu.device_id) == (16, False, True, 1)
+    cfg.write_text(cfg.read_text().replace("device_id: 1", "device: 1"))
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: models\[0\]\.gpu\.device"):
+        load_config(cfg)
+
+
+def test_inference_config_turns_the_uint8_graph_off_with_an_input_override(
+    tmp_path: Path, model_factory: Any
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "cameras:\n  - id: cam\n    source: sim://conveyor\nmodels:\n  - id: m\n"
+        f"    path: {model_factory()}\n    adapter:\n      kind: auto\n"
+        "      input: {color: BGR}\n"
+    )
+    assert inference_config(load_config(cfg).models[0]).gpu.uint8_input is False
+    assert session_mod.device_input_allowed(InputOverride(size=(320, 320)))
+
+
+def test_cuda_graphs_with_a_dynamic_batch_is_refused(model_factory: Any) -> None:
+    config = InferenceConfig(providers=["cpu"], gpu=GpuConfig(cuda_graphs=True))
+    with pytest.raises(ModelError, match="cuda_graphs needs a fixed batch size.*dynamic"):
+        OrtModel(model_factory(), config, name="dyn")
+    fixed = OrtModel(model_factory("fixed", batch=2), config, name="fixed")
+    assert fixed.device_setup is None  # accepted; the CPU runs it as before
+
+
+# --- OrtModel: the CPU path stays plain; the fast path's wiring on the CPU --------------
+
+
+def test_cpu_provider_does_not_take_the_gpu_path(
+    model_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_mod, "nvidia_driver_present", lambda: True)
+    calls: list[int] = []
+    plain = session_mod.run_in_batches
+
+    def counting(*args: Any) -> Any:
+        calls.append(args[3])
+        return plain(*args)
+
+    monkeypatch.setattr(session_mod, "run_in_batches", counting)
+    model = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=0))
+    assert model.device_setup is None and model._device_runner is None
+    assert model.acceleration is None
+    model.predict(frames(3))
+    assert calls == [3]  # the plain session.run path, one batched run
+    assert model.info.input.dtype == "uint8"  # the file's own input, no wrapper
+
+
+def test_gpu_provider_that_falls_back_runs_the_plain_cpu_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if HAS_GPU:
+        pytest.skip("needs a machine where the CUDA provider cannot load (no GPU)")
+    monkeypatch.setattr(session_mod, "nvidia_driver_present", lambda: True)
+    path = float_pose_model(tmp_path / "f.onnx")
+    with caplog.at_level(logging.INFO):
+        model = OrtModel(path, InferenceConfig(providers=["cuda", "cpu"], warmup_runs=0))
+    assert model.provider == CPU and model.device_setup is None
+    assert model.info.input.dtype == "float32"  # the file itself, not the uint8 graph
+    assert "did not load; running on CPUExecutionProvider" in caplog.text
+
+
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_fast_path_wiring_on_cpu_equals_the_plain_model(
+    tmp_path: Path, fast_path_on_cpu: None, io_binding: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = float_pose_model(tmp_path / "f.onnx")
+    images = frames(4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
+        ref = OrtModel(path, InferenceConfig(warmup_runs=0)).predict(images)
+    with caplog.at_level(logging.INFO):
+        model = OrtModel(path, InferenceConfig(warmup_runs=1,
+                                               gpu=GpuConfig(io_binding=io_binding)))
+    setup = model.device_setup
+    assert setup is not None and setup.uint8_input and setup.io_binding is io_binding
+    assert model.info.input.dtype == "uint8" and model.info.input.layout == "NHWC"
+    assert model._device_runner is not None
+    assert model._device_runner.mode == ("bound" if io_binding else "plain")
+    feeds = model.prepare(images).feeds
+    assert next(iter(feeds.values())).dtype == np.uint8  # frames go to the device as uint8
+    got = model.predict(images)
+    assert_same(got, ref)
+    assert f"io_binding {'on' if io_binding else 'off'}, fp16 off, cuda_graphs off" in caplog.text
+    assert model.acceleration is not None and model.acceleration["uint8_input"] is True
+
+
+def test_fast_path_three_steps_and_cuda_graph_buffers_on_cpu(
+    tmp_path: Path, fast_path_on_cpu: None
+) -> None:
+    path = float_pose_model(tmp_path / "f.onnx", batch=2)
+    images = frames(3, seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
+        ref = OrtModel(path, InferenceConfig(warmup_runs=0)).predict(images)
+    model = OrtModel(path, InferenceConfig(warmup_runs=1, gpu=GpuConfig(cuda_graphs=True)))
+    assert model.device_setup is not None and model.device_setup.cuda_graphs
+    assert model._device_runner is not None and model._device_runner.mode == "graph"
+    got = model.finish(model.infer(model.prepare(images)))
+    assert_same(got, ref)
+    assert model.last_timing.runs == 2  # padded chunks of the fixed batch
+
+
+def test_uint8_graph_is_skipped_for_an_input_override(
+    tmp_path: Path, fast_path_on_cpu: None
+) -> None:
+    path = float_pose_model(tmp_path / "f.onnx")
+    settings = AdapterConfig(input=InputOverride(color="BGR"))
+    model = OrtModel(path, InferenceConfig(warmup_runs=0), settings=settings)
+    assert model.device_setup is not None and not model.device_setup.uint8_input
+    assert model.info.input.dtype == "float32" and model.info.input.color == "BGR"
+    assert len(model.predict(frames(1))[0]) == 2
+
+
+def test_bench_session_takes_the_same_feeds(tmp_path: Path, fast_path_on_cpu: None) -> None:
+    path = float_pose_model(tmp_path / "f.onnx")
+    model = OrtModel(path, InferenceConfig(warmup_runs=0))
+    bare, _ = session_mod.open_session(path, InferenceConfig())
+    feeds = model.prepare(frames(2)).feeds
+    out = bare.run(None, feeds)[0]
+    np.testing.assert_allclose(out, model._run(feeds, 2)[0][0], rtol=1e-6)
+
+
+# --- on a GPU ---------------------------------------------------------------------------
+
+
+@NEEDS_GPU
 @pytest.mark.parametrize("providers,tol", [(("cuda", "cpu"), 1e-4), (("tensorrt", "cuda"), 2e-2)])
 def test_gpu_equals_cpu_within_fp16_tolerance(
     tmp_path: Path, providers: tuple[str, ...], tol: float
 ) -> None:
+    if "tensorrt" in providers and not HAS_TRT:
+        pytest.skip("this onnxruntime build has no TensorRT provider")
     path = tmp_path / "u8.onnx"
     onnx.save(uint8_input_model(onnx.load(str(float_model(tmp_path / "f.onnx")))), str(path))
     frames = np.random.default_rng(1).integers(0, 255, (8, 4, 6, 3), dtype=np.uint8)
@@ -64,3 +366,89 @@ def test_gpu_equals_cpu_within_fp16_tolerance(
     assert gpu.get_providers()[0] != "CPUExecutionProvider"
     out = BoundRunner(gpu, "cuda").run({name: frames})[0]
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
+
+
+def sim_frames(n: int) -> list[np.ndarray]:
+    from service.sim import Scene
+
+    scene = Scene("conveyor", seed=3, width=640, height=480, fps=10.0)
+    return [scene.render(i * 7)[0] for i in range(n)]
+
+
+def assert_close_detections(gpu: list[Detections], cpu: list[Detections], px: float) -> None:
+    """Every confident CPU instance has a GPU one of its class within ``px`` (box and
+    visible keypoints); fp16 may move scores near the threshold, so those are not required."""
+    matched = 0
+    for g, c in zip(gpu, cpu, strict=True):
+        for i in np.flatnonzero(c.scores >= 0.6):
+            same = np.flatnonzero(g.class_ids == c.class_ids[i])
+            assert same.size, f"a class {c.class_ids[i]} instance is missing on the GPU"
+            j = same[np.argmin(np.abs(g.boxes[same] - c.boxes[i]).max(axis=1))]
+            assert np.abs(g.boxes[j] - c.boxes[i]).max() <= px
+            vis = c.keypoints[i, :, 2] >= 0.5
+            assert np.abs(g.keypoints[j, vis, :2] - c.keypoints[i, vis, :2]).max(
+                initial=0.0) <= px
+            matched += 1
+    assert matched, "no confident instance to compare: pick other frames"
+
+
+def gpu_models() -> list[Any]:
+    models = [pytest.param(DEFAULT_MODEL, id="default")]
+    if YOLO_ONNX:
+        models.append(pytest.param(Path(YOLO_ONNX), id="yolo11n-pose"))
+    return models
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("path", gpu_models())
+@pytest.mark.parametrize("providers", [["cuda", "cpu"], ["tensorrt", "cuda", "cpu"]])
+def test_ortmodel_on_the_gpu_equals_the_cpu(
+    tmp_path: Path, path: Path, providers: list[str]
+) -> None:
+    if "tensorrt" in providers and not HAS_TRT:
+        pytest.skip("this onnxruntime build has no TensorRT provider")
+    images = sim_frames(6)
+    threshold = 0.25 if "yolo" in path.name else None
+    cpu = OrtModel(path, InferenceConfig(providers=["cpu"], warmup_runs=0,
+                                         score_threshold=threshold)).predict(images)
+    model = OrtModel(path, InferenceConfig(
+        providers=providers, warmup_runs=2, score_threshold=threshold,
+        gpu=GpuConfig(engine_cache_dir=tmp_path / "trt")))
+    assert model.provider != CPU and model.device_setup is not None
+    assert model.device_setup.io_binding
+    assert model.device_setup.uint8_input is (model.info.inputs[0].name.endswith("_uint8_nhwc"))
+    assert_close_detections(model.predict(images), cpu, px=1.0)
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="no NVIDIA GPU with the TensorRT provider here")
+def test_tensorrt_engine_is_built_once_and_reused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = InferenceConfig(providers=["tensorrt", "cuda", "cpu"], warmup_runs=1,
+                             gpu=GpuConfig(engine_cache_dir=tmp_path / "trt"))
+    with caplog.at_level(logging.INFO):
+        first = OrtModel(DEFAULT_MODEL, config)
+    assert first.provider == "TensorrtExecutionProvider"
+    assert "building a TensorRT engine" in caplog.text
+    engines = {p: p.stat().st_mtime_ns for p in (tmp_path / "trt").rglob("*.engine")}
+    assert engines, "no engine file in the cache directory"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        second = OrtModel(DEFAULT_MODEL, config)
+    assert "building a TensorRT engine" not in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "trt").rglob("*.engine")} == engines
+    assert second.device_setup is not None and second.device_setup.fp16
+
+
+@NEEDS_GPU
+def test_cuda_graphs_on_a_fixed_batch_model_equal_the_cpu(tmp_path: Path) -> None:
+    path = float_pose_model(tmp_path / "f.onnx", batch=4)
+    images = frames(6, seed=9)
+    cpu = OrtModel(path, InferenceConfig(providers=["cpu"], warmup_runs=0)).predict(images)
+    model = OrtModel(path, InferenceConfig(providers=["cuda", "cpu"], warmup_runs=2,
+                                           gpu=GpuConfig(cuda_graphs=True)))
+    assert model.device_setup is not None and model.device_setup.cuda_graphs, (
+        model.device_setup and model.device_setup.notes)
+    for _ in range(3):  # replays of the captured graph with new inputs
+        assert_same(model.predict(images), cpu, px=1e-2)
+
