@@ -271,6 +271,7 @@ class Truths:
     crossings: int = 0
     pos_err: list[float] = field(default_factory=list)
     ang_err: list[float] = field(default_factory=list)
+    pose_class: list[str] = field(default_factory=list)  # the class of each pose sample
 
 
 def pick_camera(config: Config, camera: str | None) -> tuple[CameraConfig, LineConfig]:
@@ -466,6 +467,7 @@ def run_eval(
         "orientation_err_deg_mean": _stat(truths.ang_err, np.mean),
         "orientation_err_deg_p95": _stat(truths.ang_err, lambda a: np.percentile(a, 95)),
         "pose_samples": len(truths.pos_err),
+        "pose_by_class": _pose_by_class(truths),
         "incidents": {k: len(v) for k, v in sorted(intervals.items())},
         "scenario": scenario,
         "seed": seed,
@@ -533,10 +535,29 @@ def _collect_pose_errors(
         if d[j] > POSE_GATE_MM:
             continue
         truths.pos_err.append(float(d[j]))
+        truths.pose_class.append(inst.class_name)
         period = symmetry.get(cid, 360.0)
         truths.ang_err.append(
             float(abs(_wrap(poses[rows[j], 2] - inst.pose_mm[2], period)))
         )
+
+
+def _pose_by_class(truths: Truths) -> dict[str, dict[str, Any]]:
+    """Pose errors per part class: samples, position and orientation mean / p95."""
+    cls = np.asarray(truths.pose_class)
+    pos, ang = np.asarray(truths.pos_err), np.asarray(truths.ang_err)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(truths.pose_class)):
+        mine = cls == name
+        p, a = pos[mine].tolist(), ang[mine].tolist()
+        out[name] = {
+            "samples": int(mine.sum()),
+            "position_err_mm_mean": _stat(p, np.mean),
+            "position_err_mm_p95": _stat(p, lambda v: np.percentile(v, 95)),
+            "orientation_err_deg_mean": _stat(a, np.mean),
+            "orientation_err_deg_p95": _stat(a, lambda v: np.percentile(v, 95)),
+        }
+    return out
 
 
 def _floors(report: dict[str, Any]) -> dict[str, Any]:
@@ -585,6 +606,11 @@ def render_report(report: dict[str, Any]) -> str:
         f"{report['position_err_mm_p95']}; orientation deg: mean "
         f"{report['orientation_err_deg_mean']} p95 {report['orientation_err_deg_p95']}"
     )
+    for name, c in report.get("pose_by_class", {}).items():
+        lines.append(
+            f"  {name} ({c['samples']} samples): position mm mean "
+            f"{c['position_err_mm_mean']}, orientation deg mean {c['orientation_err_deg_mean']}"
+        )
     for name, f in report["floors"].items():
         mark = "ok" if f["ok"] else ("n/a" if f["ok"] is None else "MISSED")
         lines.append(f"  floor {name}: {f['value']} (floor {f['floor']}) {mark}")

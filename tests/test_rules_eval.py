@@ -15,6 +15,8 @@ from service.domain import Event
 from service.errors import ConfigError
 from service.rules_eval import (
     Interval,
+    Truths,
+    _pose_by_class,
     in_polygon,
     judge_changes,
     merge_intervals,
@@ -110,6 +112,17 @@ def test_report_shape_on_a_short_run(tmp_path: Path) -> None:
     json.dumps(report, allow_nan=False)
 
 
+def test_pose_errors_are_reported_per_class() -> None:
+    truths = Truths(pos_err=[1.0, 3.0, 0.5], ang_err=[2.0, 4.0, 1.0],
+                    pose_class=["flange", "flange", "bracket"])
+    by_class = _pose_by_class(truths)
+    assert by_class["flange"]["samples"] == 2
+    assert by_class["flange"]["position_err_mm_mean"] == 2.0
+    assert by_class["flange"]["orientation_err_deg_mean"] == 3.0
+    assert by_class["bracket"]["orientation_err_deg_p95"] == 1.0
+    assert _pose_by_class(Truths()) == {}
+
+
 def test_a_config_without_lines_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cameras:\n  - id: cam-1\n    source: sim://conveyor\nmodels:\n"
@@ -133,6 +146,10 @@ def test_the_cli_on_the_shipped_model(tmp_path: Path) -> None:
     assert report["rules"]["danger-zone"]["recall"] == 1.0
     assert report["states"]["FAULT"]["recall"] == 1.0
     assert report["position_err_mm_mean"] < 3.0
+    assert report["orientation_err_deg_mean"] < 2.0
+    by_class = report["pose_by_class"]
+    assert set(by_class) == {"bracket", "flange"}
+    assert sum(c["samples"] for c in by_class.values()) == report["pose_samples"]
 
 
 def test_edges_of_the_run_are_not_judged_but_absorb_their_events() -> None:

@@ -16,17 +16,22 @@ from service.geometry.pose import (
     fit_rigid_2d,
     fit_rigid_2d_batch,
     joint_angles,
+    rotation_variance,
     solve_pnp,
 )
+from service.geometry.pose_filter import OrientationFilter, PoseFilterConfig
 
 __all__ = [
     "CalibrationConfig",
     "Homography",
     "PnPResult",
+    "OrientationFilter",
     "PoseEstimator",
+    "PoseFilterConfig",
     "ReprojectionError",
     "fit_rigid_2d",
     "fit_rigid_2d_batch",
     "joint_angles",
+    "rotation_variance",
     "solve_pnp",
 ]

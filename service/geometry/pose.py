@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from service.domain import Tracks
 from service.geometry.calibration import Homography
+from service.geometry.pose_filter import OrientationFilter, PoseFilterConfig
 
 F64 = npt.NDArray[np.float64]
 
@@ -25,40 +26,102 @@ def _wrap_deg(angle: npt.ArrayLike) -> F64:
     return np.asarray((np.asarray(angle, np.float64) + 180.0) % 360.0 - 180.0, np.float64)
 
 
+@dataclass(frozen=True)
+class _Moments:
+    """Weighted centred point sets of N rigid fits (everything a pose needs)."""
+
+    w: F64  # (N, K) weights, 0 for unusable keypoints
+    a: F64  # (N, K, 2) template minus its weighted centroid
+    b: F64  # (N, K, 2) points minus their weighted centroid
+    cq: F64  # (N, 2) template centroid
+    cp: F64  # (N, 2) point centroid
+    sw: F64  # (N,) weight sums (1 where too few keypoints)
+    used: npt.NDArray[np.intp]  # (N,) keypoints that count
+
+    @classmethod
+    def of(cls, templates: npt.ArrayLike, points: npt.ArrayLike,
+           weights: npt.ArrayLike) -> _Moments:
+        p = np.asarray(points, np.float64)
+        q = np.broadcast_to(np.asarray(templates, np.float64), p.shape)
+        w = np.asarray(weights, np.float64).reshape(p.shape[:2])
+        usable = (w > 0) & np.isfinite(p).all(axis=2) & np.isfinite(q).all(axis=2)
+        w = np.where(usable, w, 0.0)
+        p = np.where(usable[..., None], p, 0.0)
+        q = np.where(usable[..., None], q, 0.0)
+        used = usable.sum(axis=1)
+        sw = np.where(used >= 2, w.sum(axis=1), 1.0)
+        cq = (w[..., None] * q).sum(axis=1) / sw[:, None]
+        cp = (w[..., None] * p).sum(axis=1) / sw[:, None]
+        return cls(w, q - cq[:, None, :], p - cp[:, None, :], cq, cp, sw, used)
+
+    def best_theta(self) -> F64:
+        """The least-squares rotation (rad)."""
+        a, b, w = self.a, self.b, self.w
+        dot = (w * (a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1])).sum(axis=1)
+        cross = (w * (a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0])).sum(axis=1)
+        return np.asarray(np.arctan2(cross, dot), np.float64)
+
+    def pose(self, theta: F64) -> F64:
+        """(N, 4) x, y, theta_deg, RMS residual for rotations theta (rad)."""
+        c, s = np.cos(theta), np.sin(theta)
+        a, b = self.a, self.b
+        tx = self.cp[:, 0] - (c * self.cq[:, 0] - s * self.cq[:, 1])
+        ty = self.cp[:, 1] - (s * self.cq[:, 0] + c * self.cq[:, 1])
+        ex = c[:, None] * a[..., 0] - s[:, None] * a[..., 1] - b[..., 0]
+        ey = s[:, None] * a[..., 0] + c[:, None] * a[..., 1] - b[..., 1]
+        rms = np.sqrt((self.w * (ex * ex + ey * ey)).sum(axis=1) / self.sw)
+        out = np.column_stack([tx, ty, _wrap_deg(np.degrees(theta)), rms])
+        out[self.used < 2] = np.nan
+        return out
+
+    def lever(self) -> F64:
+        """(N,) sum of squared distances of the used template points from their
+        centroid, with the weights scaled to average 1."""
+        sq = self.a[..., 0] ** 2 + self.a[..., 1] ** 2
+        return np.asarray((self.w * sq).sum(axis=1) * self.used / self.sw, np.float64)
+
+
 def fit_rigid_2d_batch(templates: npt.ArrayLike, points: npt.ArrayLike,
-                       weights: npt.ArrayLike) -> F64:
+                       weights: npt.ArrayLike, theta_deg: npt.ArrayLike | None = None) -> F64:
     """Weighted rigid fits (rotation + translation, no scale) of N instances at once.
 
     templates (N, K, 2) or (K, 2) in part coordinates, points (N, K, 2) on the work
     plane, weights (N, K) >= 0 (0, or a NaN point, leaves a keypoint out).  Returns
     (N, 4): x, y, theta_deg (the pose that maps the template onto the points) and
     the weighted RMS residual; a row is NaN when fewer than 2 keypoints count.
+    With ``theta_deg`` (N,) the rotation is given (where finite) and only the
+    translation and the residual are fitted.
     """
-    p = np.asarray(points, np.float64)
-    q = np.broadcast_to(np.asarray(templates, np.float64), p.shape)
-    w = np.asarray(weights, np.float64).reshape(p.shape[:2])
-    usable = (w > 0) & np.isfinite(p).all(axis=2) & np.isfinite(q).all(axis=2)
-    w = np.where(usable, w, 0.0)
-    p = np.where(usable[..., None], p, 0.0)
-    q = np.where(usable[..., None], q, 0.0)
-    enough = usable.sum(axis=1) >= 2
-    sw = np.where(enough, w.sum(axis=1), 1.0)[:, None]
-    cq = (w[..., None] * q).sum(axis=1) / sw
-    cp = (w[..., None] * p).sum(axis=1) / sw
-    a = q - cq[:, None, :]
-    b = p - cp[:, None, :]
-    dot = (w * (a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1])).sum(axis=1)
-    cross = (w * (a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0])).sum(axis=1)
-    theta = np.arctan2(cross, dot)
-    c, s = np.cos(theta), np.sin(theta)
-    rot = np.stack([np.stack([c, -s], 1), np.stack([s, c], 1)], 1)  # (N, 2, 2)
-    t = cp - np.einsum("nij,nj->ni", rot, cq)
-    fitted = np.einsum("nij,nkj->nki", rot, q) + t[:, None, :]
-    sq = ((fitted - p) ** 2).sum(axis=2)
-    rms = np.sqrt((w * sq).sum(axis=1) / sw[:, 0])
-    out = np.column_stack([t, _wrap_deg(np.degrees(theta)), rms])
-    out[~enough] = np.nan
-    return out
+    m = _Moments.of(templates, points, weights)
+    theta = m.best_theta()
+    if theta_deg is not None:
+        given = np.radians(np.asarray(theta_deg, np.float64).reshape(len(theta)))
+        theta = np.where(np.isfinite(given), given, theta)
+    return m.pose(theta)
+
+
+def rotation_variance(templates: npt.ArrayLike, weights: npt.ArrayLike,
+                      residual_mm: npt.ArrayLike, keypoint_sigma_mm: float,
+                      residual_gain: float = 0.0) -> F64:
+    """Variance (rad^2) of the angle of weighted rigid fits, N at once.
+
+    For keypoint noise sigma (mm) on each used point the fitted angle varies by
+    about sigma^2 / sum_k w_k |q_k - c|^2 (weights scaled to average 1, c their
+    centroid of the template): keypoints far from the centre pin the angle down.
+    sigma^2 is ``keypoint_sigma_mm^2 + (residual_gain * residual_mm)^2``.  NaN
+    where fewer than 2 keypoints count.
+    """
+    w = np.asarray(weights, np.float64)
+    t = np.broadcast_to(np.asarray(templates, np.float64), (*w.shape, 2))
+    m = _Moments.of(t, np.where(np.isfinite(t), 0.0, np.nan), w)
+    return _variance(m, residual_mm, keypoint_sigma_mm, residual_gain)
+
+
+def _variance(m: _Moments, residual_mm: npt.ArrayLike, sigma_mm: float, gain: float) -> F64:
+    lever = m.lever()
+    resid = np.nan_to_num(np.asarray(residual_mm, np.float64))
+    var = (sigma_mm**2 + (gain * resid) ** 2) / np.maximum(lever, 1e-12)
+    return np.where((m.used >= 2) & (lever > 0), var, np.nan)
 
 
 def fit_rigid_2d(template_mm: npt.ArrayLike, points_mm: npt.ArrayLike,
@@ -145,18 +208,29 @@ class PoseEstimator:
     (part coordinates, using the first K_c keypoints); classes without one (an
     articulated arm) get NaN poses.  Keypoints below ``keypoint_thresh`` are
     unknown (NaN in mm) and do not count in the fit; the others weigh by score.
+
+    Stateful, one per camera: with ``smoothing`` enabled (the default) a part's
+    angle is filtered over its track (:class:`OrientationFilter`, keyed by track
+    id) and the translation is fitted with the filtered angle, so the reported pose
+    does not jitter with the keypoints from frame to frame.
     """
 
     def __init__(self, templates: Mapping[int, npt.ArrayLike],
-                 keypoint_thresh: float = 0.3) -> None:
+                 keypoint_thresh: float = 0.3,
+                 smoothing: PoseFilterConfig | None = None) -> None:
         self.templates = {int(c): np.asarray(t, np.float64).reshape(-1, 2)
                           for c, t in templates.items()}
         self.keypoint_thresh = float(keypoint_thresh)
+        self.smoothing = smoothing or PoseFilterConfig()
+        self._filter = OrientationFilter(self.smoothing) if self.smoothing.enabled else None
+        self._tables: dict[int, F64] = {}  # keypoints per instance -> (classes, K, 2)
 
     def update(self, tracks: Tracks, homography: Homography | None) -> Tracks:
         """Tracks with keypoints_mm, poses, pose_residual_mm and velocity_mm_s filled.
 
-        Without a homography (an uncalibrated camera) the tracks come back as they are.
+        ``pose_residual_mm`` is the RMS distance of the keypoints from the template
+        placed at the reported pose.  Without a homography (an uncalibrated camera)
+        the tracks come back as they are.
         """
         if homography is None:
             return tracks
@@ -166,12 +240,20 @@ class PoseEstimator:
         visible = kp[:, :, 2] >= self.keypoint_thresh
         mm = np.where(visible[..., None], homography.px_to_mm(kp[:, :, :2]), np.nan)
         fits = np.full((n, 4), np.nan)
-        for cls, template in self.templates.items():
-            rows = np.flatnonzero(det.class_ids == cls)
-            kc = min(len(template), k)
-            if len(rows) and kc >= 2:
-                weights = np.where(visible[rows, :kc], kp[rows, :kc, 2], 0.0)
-                fits[rows] = fit_rigid_2d_batch(template[:kc], mm[rows, :kc], weights)
+        table = self._table(k)
+        cls = det.class_ids.astype(np.intp)
+        rows = np.flatnonzero((cls >= 0) & (cls < len(table)))
+        if len(rows):
+            templates = table[cls[rows]]  # (R, K, 2), NaN where a class has no keypoint
+            weights = np.where(visible[rows], kp[rows, :, 2], 0.0)
+            m = _Moments.of(templates, mm[rows], weights)
+            fit = m.pose(m.best_theta())
+            if self._filter is not None:
+                cfg = self.smoothing
+                var = _variance(m, fit[:, 3], cfg.keypoint_sigma_mm, cfg.residual_gain)
+                theta = self._filter.filter(tracks.track_ids[rows], cls[rows], fit[:, 2], var)
+                fit = m.pose(np.where(np.isfinite(theta), np.radians(theta), np.nan))
+            fits[rows] = fit
         centre = (det.boxes[:, :2] + det.boxes[:, 2:]).astype(np.float64) / 2
         jac = homography.jacobian(centre) if n else np.zeros((0, 2, 2))
         v_mm = np.einsum("nij,nj->ni", jac, tracks.velocity_px_s.astype(np.float64))
@@ -182,3 +264,19 @@ class PoseEstimator:
             pose_residual_mm=fits[:, 3].astype(np.float32),
             velocity_mm_s=v_mm.astype(np.float32),
         )
+
+    def _table(self, k: int) -> F64:
+        """Templates by class id for instances of k keypoints: (classes, k, 2), NaN-padded.
+
+        A class without a template, or with fewer than 2 of the k keypoints, is all NaN
+        (its poses stay NaN)."""
+        table = self._tables.get(k)
+        if table is None:
+            size = max(self.templates, default=-1) + 1
+            table = np.full((size, k, 2), np.nan)
+            for c, template in self.templates.items():
+                kc = min(len(template), k)
+                if c >= 0 and kc >= 2:
+                    table[c, :kc] = template[:kc]
+            self._tables[k] = table
+        return table

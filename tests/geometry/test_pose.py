@@ -11,9 +11,11 @@ from service.domain import Detections, Tracks
 from service.geometry import (
     Homography,
     PoseEstimator,
+    PoseFilterConfig,
     fit_rigid_2d,
     fit_rigid_2d_batch,
     joint_angles,
+    rotation_variance,
     solve_pnp,
 )
 from service.sim import CLASSES, Scene
@@ -102,6 +104,116 @@ def test_batch_fit_matches_single_fits() -> None:
         np.testing.assert_allclose(batch[i], np.array(fit_rigid_2d(template, pts[i], w[i])),
                                    equal_nan=True)
     assert np.isnan(batch[2]).all() and np.isfinite(batch[[0, 1, 3, 4, 5]]).all()
+
+
+def test_rigid_fit_with_a_given_angle_fits_only_the_translation() -> None:
+    rng = np.random.default_rng(4)
+    template = _template(0)
+    pts = place(template, 40.0, -12.0, 25.0) + rng.normal(0, 0.5, (5, 2))
+    w = np.array([[1.0, 0.5, 1.0, 0.8, 1.0]])
+    free = fit_rigid_2d_batch(template, pts[None], w)[0]
+    same = fit_rigid_2d_batch(template, pts[None], w, theta_deg=[np.nan])[0]
+    np.testing.assert_allclose(same, free)
+    off = fit_rigid_2d_batch(template, pts[None], w, theta_deg=[free[2] + 3.0])[0]
+    assert _angle_diff(off[2], free[2] + 3.0) < 1e-9
+    # the translation puts the weighted centroids together: the best one for that angle
+    placed = place(template, off[0], off[1], off[2])
+    np.testing.assert_allclose((w[0, :, None] * placed).sum(0), (w[0, :, None] * pts).sum(0),
+                               atol=1e-9)
+    rms = np.sqrt((w[0] * ((placed - pts) ** 2).sum(1)).sum() / w.sum())
+    assert off[3] == pytest.approx(rms) and off[3] > free[3]
+
+
+def test_rotation_variance_predicts_the_scatter_of_fitted_angles() -> None:
+    rng = np.random.default_rng(5)
+    sigma = 1.0
+    for cls in (0, 1):
+        template = _template(cls)
+        for weights in ([1, 1, 1, 1, 1], [1, 1, 0, 1, 0]):
+            w = np.asarray(weights, float)
+            pts = place(template, 0.0, 0.0, 10.0) + rng.normal(0, sigma, (4000, 5, 2))
+            theta = fit_rigid_2d_batch(template, pts, np.broadcast_to(w, (4000, 5)))[:, 2]
+            seen = np.var(np.radians(theta - 10.0))
+            predicted = rotation_variance(template, w[None], [0.0], sigma)[0]
+            assert seen == pytest.approx(predicted, rel=0.15), (cls, weights)
+    # keypoints far from the centre pin the angle down; a poor fit counts less
+    bracket = _template(0)
+    tips = rotation_variance(bracket, [[0, 1, 1, 0, 0]], [0.0], 1.0)[0]
+    holes = rotation_variance(bracket, [[0, 0, 0, 1, 1]], [0.0], 1.0)[0]
+    poor = rotation_variance(bracket, [[0, 1, 1, 0, 0]], [2.0], 1.0, residual_gain=2.0)[0]
+    assert tips < holes and poor == pytest.approx(tips * 17.0)
+    assert np.isnan(rotation_variance(bracket, [[0, 1, 0, 0, 0]], [0.0], 1.0)[0])
+
+
+def _noisy_track_run(seconds: float, smoothing: PoseFilterConfig, noise_px: float = 1.0
+                     ) -> tuple[list[tuple[str, float, float, float]], list[Tracks]]:
+    """The calm line at 15 fps with exact keypoints plus pixel noise and stable ids per
+    part; (uid, position error, angle error, residual check) per fitted part, tracks."""
+    scene = Scene("calm", seed=11, fps=15.0)
+    h = Homography(np.linalg.inv(scene.homography))
+    est = PoseEstimator({c: _template(c) for c in (0, 1)}, smoothing=smoothing)
+    rng = np.random.default_rng(7)
+    ids: dict[str, int] = {}
+    errors, outs = [], []
+    for i in range(int(seconds * 15)):
+        _, truth = scene.render(i)
+        inst = [x for x in truth.instances if x.class_id in (0, 1) and x.in_view == 1.0]
+        if not inst:
+            continue
+        px = np.array([x.keypoints_px for x in inst]) + rng.normal(0, noise_px, (len(inst), 5, 2))
+        kp = np.concatenate([px, np.where([x.visible for x in inst], 0.9, 0.05)[..., None]], 2)
+        dets = Detections(_f32([x.box for x in inst]), _f32(np.full(len(inst), 0.9)),
+                          _i32([x.class_id for x in inst]), _f32(kp))
+        tid = _i32([ids.setdefault(x.uid, len(ids) + 1) for x in inst])
+        out = est.update(Tracks(dets, tid, _f32(np.zeros((len(inst), 2)))), h)
+        assert out.poses is not None and out.keypoints_mm is not None
+        assert out.pose_residual_mm is not None
+        outs.append(out)
+        for row, x in enumerate(inst):
+            pose = out.poses[row].astype(float)
+            if not np.isfinite(pose).all():
+                continue
+            placed = place(_template(x.class_id), *pose)
+            seen = np.isfinite(out.keypoints_mm[row]).all(1)
+            rms = np.sqrt(((placed - out.keypoints_mm[row]) ** 2).sum(1)[seen].mean())
+            errors.append((x.uid, float(np.hypot(*(pose[:2] - x.pose_mm[:2]))),
+                           float(_angle_diff(pose[2], x.pose_mm[2])),
+                           float(rms - out.pose_residual_mm[row])))
+    return errors, outs
+
+
+@pytest.mark.slow
+def test_pose_estimator_filters_the_angle_over_each_track() -> None:
+    raw, _ = _noisy_track_run(12.0, PoseFilterConfig(enabled=False))
+    smooth, _ = _noisy_track_run(12.0, PoseFilterConfig())
+    assert [e[0] for e in raw] == [e[0] for e in smooth] and len(raw) > 300
+    raw_ang = np.mean([e[2] for e in raw])
+    smooth_ang = np.mean([e[2] for e in smooth])
+    assert raw_ang > 0.8
+    assert smooth_ang < 0.5 * raw_ang
+    # the translation is refitted with the better angle: no worse than frame by frame
+    assert np.mean([e[1] for e in smooth]) <= 1.02 * np.mean([e[1] for e in raw])
+    # the residual is that of the reported pose
+    assert max(abs(e[3]) for e in smooth) < 1e-3
+
+
+def test_each_pose_estimator_keeps_its_own_tracks() -> None:
+    template = _template(0)
+    h = Homography(np.eye(3))
+
+    def tracks(theta: float) -> Tracks:
+        kp = np.concatenate([place(template, 100.0, 50.0, theta), np.full((5, 1), 0.9)], 1)
+        dets = Detections(_f32([[0, 0, 200, 200]]), _f32([0.9]), _i32([0]), _f32(kp[None]))
+        return Tracks(dets, _i32([4]), _f32([[0.0, 0.0]]))
+
+    a, b = PoseEstimator({0: template}), PoseEstimator({0: template})
+    for _ in range(20):
+        a.update(tracks(10.0), h)
+    out_a = a.update(tracks(10.5), h)
+    out_b = b.update(tracks(10.5), h)
+    assert out_a.poses is not None and out_b.poses is not None
+    assert out_a.poses[0, 2] == pytest.approx(10.0, abs=0.1)  # averaged over the track
+    assert out_b.poses[0, 2] == pytest.approx(10.5, abs=1e-4)  # a new track: its own fit
 
 
 def _tracks_from_truth(truth, dt: float, nxt) -> Tracks:
