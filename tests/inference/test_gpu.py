@@ -4,6 +4,7 @@ CUDA/TensorRT results against the CPU's (skipped without an NVIDIA GPU)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -452,3 +453,31 @@ def test_cuda_graphs_on_a_fixed_batch_model_equal_the_cpu(tmp_path: Path) -> Non
     for _ in range(3):  # replays of the captured graph with new inputs
         assert_same(model.predict(images), cpu, px=1e-2)
 
+
+
+ULTRA_PY = ROOT / ".venv-ultralytics/bin/python"
+
+
+@pytest.mark.skipif(not ULTRA_PY.exists(), reason=".venv-ultralytics is absent: run "
+                    "scripts/ultralytics-env to check the uint8 graph on a real YOLO export")
+def test_uint8_graph_on_a_real_yolo_export_equals_the_float_model(
+    tmp_path: Path, fast_path_on_cpu: None
+) -> None:
+    import subprocess
+
+    res = subprocess.run([str(ULTRA_PY), str(ROOT / "tests/support/ultra_ref.py"), "export",
+                          "--out", str(tmp_path), "--imgsz", "320"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    raw = Path(json.loads(res.stdout.strip().splitlines()[-1])["raw"])
+    images = sim_frames(3)
+    config = InferenceConfig(warmup_runs=0, score_threshold=0.01)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
+        plain = OrtModel(raw, config)
+        ref = plain.predict(images)
+    model = OrtModel(raw, config)
+    assert plain.info.input.dtype == "float32" and model.info.input.dtype == "uint8"
+    assert model.device_setup is not None and model.device_setup.uint8_input
+    got = model.predict(images)
+    assert sum(len(d) for d in ref) > 0, "no detections to compare: lower the threshold"
+    assert_same(got, ref, px=0.05)
