@@ -316,7 +316,7 @@ class DeviceRunner:
             self._call = lambda feeds: session.run(output_names, feeds)
 
     def run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[list[np.ndarray], float, int]:
-        chunk = self.fixed_batch or (min(n, self.max_chunk) if self.max_chunk else n)
+        chunk = max(1, self.fixed_batch or (min(n, self.max_chunk) if self.max_chunk else n))
         pieces: list[list[np.ndarray]] = []
         model_s = 0.0
         for start in range(0, n, chunk):
