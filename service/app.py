@@ -309,7 +309,11 @@ class Runtime:
             )
             cameras[c.id] = Camera(
                 c.id, c.source, options,
-                backoff=Backoff(c.backoff.initial_s, c.backoff.max_s), source=replay,
+                backoff=Backoff(
+                    c.backoff.initial_s, c.backoff.max_s, factor=c.backoff.factor,
+                    jitter=c.backoff.jitter,
+                ),
+                source=replay,
             )
         models: dict[str, LoadedModel] = {}
         predictors = load_predictors(config)

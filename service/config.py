@@ -169,7 +169,11 @@ class BackoffConfig(_Section):
     initial_s: float = Field(default=0.5, gt=0, description="first reconnect delay")
     max_s: float = Field(default=30.0, gt=0, description="longest reconnect delay")
     factor: float = Field(default=2.0, ge=1.0, description="delay multiplier per failed attempt")
-    jitter: float = Field(default=0.2, ge=0.0, le=1.0, description="random +- fraction of a delay")
+    jitter: float = Field(
+        default=1.0, ge=0.0, le=1.0,
+        description="fraction of each delay drawn at random: uniform in [(1 - jitter) d, d]; "
+        "1 = full jitter",
+    )
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> BackoffConfig:

@@ -62,3 +62,36 @@ def test_rejects_inverted_bounds() -> None:
         Backoff(2.0, 1.0)
     with pytest.raises(ValueError):
         Backoff(1.0, 2.0, factor=0.5)
+
+
+def test_partial_jitter_keeps_each_delay_near_its_ceiling() -> None:
+    backoff = Backoff(1.0, 64.0, jitter=0.25, rng=random.Random(3))
+    delays = [backoff.next_delay() for _ in range(40)]
+    for attempt, delay in enumerate(delays):
+        ceiling = backoff.ceiling(attempt)
+        assert 0.75 * ceiling <= delay <= ceiling
+    assert len({round(d, 9) for d in delays[6:]}) > 20  # still random once capped
+    plain = Backoff(1.0, 64.0, jitter=0.0, rng=random.Random(3))
+    assert [plain.next_delay() for _ in range(4)] == [1.0, 2.0, 4.0, 8.0]
+    with pytest.raises(ValueError, match="jitter"):
+        Backoff(1.0, 2.0, jitter=1.5)
+
+
+def test_the_camera_config_backoff_reaches_the_camera() -> None:
+    from service.app import Runtime
+    from service.bus import Hub
+    from service.config import Config
+
+    config = Config.model_validate({
+        "cameras": [{"id": "c", "source": "sim://conveyor?seed=1&width=64&height=48",
+                     "backoff": {"initial_s": 0.25, "max_s": 4.0, "factor": 3.0,
+                                 "jitter": 0.0}}],
+        "models": [{"id": "m", "path": "models/zoo/linewatch-parts-s.onnx"}],
+        "store": {"url": "sqlite://"},
+    })
+    runtime = Runtime.build(config, Hub())
+    backoff = runtime.cameras["c"]._backoff
+    assert (backoff.initial_s, backoff.max_s, backoff.factor, backoff.jitter) == (
+        0.25, 4.0, 3.0, 0.0
+    )
+    assert [backoff.next_delay() for _ in range(4)] == [0.25, 0.75, 2.25, 4.0]
