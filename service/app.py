@@ -471,6 +471,7 @@ class RuntimeStatus:
                     dynamic_batch=info.dynamic_batch,
                     max_batch=loaded.max_batch,
                     cameras=list(loaded.cameras),
+                    acceleration=loaded.model.acceleration,
                 )
             )
         return out

@@ -6,7 +6,7 @@ on, so the OpenAPI page at ``/docs`` documents every field.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +58,11 @@ class ModelSnapshot(_Snapshot):
     dynamic_batch: bool
     max_batch: int
     cameras: list[str]
+    acceleration: dict[str, Any] | None = Field(
+        default=None,
+        description="The GPU fast path as it runs (io_binding, fp16, cuda_graphs, uint8 input "
+        "on the device, engine cache); null on the CPU.",
+    )
 
 
 class Readiness(_Snapshot):

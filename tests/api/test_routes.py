@@ -133,6 +133,7 @@ def test_models_describe_classes_keypoints_inputs(client) -> None:
         {"name": "images", "shape": ["batch", 240, 320, 3], "dtype": "uint8"}
     ]
     assert model["imgsz"] == [240, 320] and model["cameras"] == ["cam-1", "cam-2"]
+    assert model["acceleration"] is None  # the CPU runs it: no GPU fast path
     assert c.get("/api/v1/models/tiny").json() == model
 
 
