@@ -36,7 +36,6 @@ from service.app import LoadedModel, Runtime, inference_config
 from service.config import Config, load_config
 from service.domain import ImageArray
 from service.errors import ConfigError, LineWatchError
-from service.inference.session import auto_intra_op_threads
 from service.pipeline import Message
 from service.sources.replay import ReplaySource
 
@@ -161,7 +160,10 @@ def raw_model_fps(loaded: LoadedModel, images: Sequence[ImageArray], seconds: fl
 
     model = loaded.model
     feeds, _ = model.adapter.preprocess(list(images))
-    session, _ = open_session(model.path, inference_config(loaded.config))
+    threads = {"intra_op_threads": model.intra_op_threads}  # as the model runs (auto resolved)
+    session, _ = open_session(
+        model.path, inference_config(loaded.config).model_copy(update=threads)
+    )
     outputs = [o.name for o in session.get_outputs()]
     n = len(images)
     chunk = n if model.info.dynamic_batch else (model.info.fixed_batch or 1)
@@ -300,7 +302,7 @@ def run_bench(
         "cameras": len(loaded.cameras),
         "batch": raw.batch,
         "threads": {
-            "intra_op": loaded.config.intra_op_threads or auto_intra_op_threads(),
+            "intra_op": loaded.model.intra_op_threads,
             "inter_op": loaded.config.inter_op_threads,
         },
         "sources": f"replay of {replay_frames} frames" if replay_frames > 0 else "live",

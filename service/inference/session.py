@@ -88,8 +88,12 @@ def resolve_providers(
     return names
 
 
+HEAVY_MODEL_MS = 15.0  # per image: above it a model gets every core (intra_op_threads: 0)
+
+
 def auto_intra_op_threads() -> int:
-    """Threads for ``intra_op_threads: 0``: every usable core but one (at least one).
+    """Threads for ``intra_op_threads: 0``: every usable core but one (at least one),
+    or every core for a heavy model (:meth:`OrtModel._all_cores_if_heavy`).
 
     The spare core runs what the model thread does not: capture and decoding,
     preprocessing the next batch, and the stages (tracking, poses, rules, messages)
@@ -399,7 +403,9 @@ class OrtModel:
         self._device_runner: DeviceRunner | None = None
         if self.device_setup is not None:
             self._device_runner = self._make_device_runner(self.device_setup)
+        self.intra_op_threads = self.config.intra_op_threads or auto_intra_op_threads()
         self._warm_up()
+        self._all_cores_if_heavy()
         log.info(
             "model %s (%s): provider %s, adapter %s (%s), input %dx%d %s %s, %s batch%s",
             self.name, self.path, self.provider, self.adapter.name, self.adapter_reason,
@@ -414,6 +420,30 @@ class OrtModel:
 
     def _before_warm_up(self) -> None:
         """Hook for subclasses: checks that need the adapter, before the first run."""
+
+    def _all_cores_if_heavy(self) -> None:
+        """``intra_op_threads: 0`` on the CPU leaves a core for the rest of the pipeline;
+        for a heavy model (its warm-up run took over HEAVY_MODEL_MS an image) that core
+        would mostly idle, so the session is opened again with every core."""
+        usable = auto_intra_op_threads() + 1
+        timing = self.last_timing
+        if (
+            self.config.intra_op_threads != 0
+            or self.provider != CPU
+            or self.device_setup is not None
+            or usable < 2
+            or timing.batch_size == 0
+            or timing.model_ms_per_image < HEAVY_MODEL_MS
+        ):
+            return
+        log.info(
+            "model %s: %.0f ms an image on %d thread(s): heavy, so it gets all %d cores",
+            self.name, timing.model_ms_per_image, self.intra_op_threads, usable,
+        )
+        config = self.config.model_copy(update={"intra_op_threads": usable})
+        self._session, _ = open_session(self.path, config)
+        self.intra_op_threads = usable
+        self._warm_up()
 
     def _make_device_runner(self, setup: DeviceSetup) -> DeviceRunner:
         mode = "graph" if setup.cuda_graphs else "bound" if setup.io_binding else "plain"

@@ -109,6 +109,28 @@ def test_zero_threads_is_every_usable_core_but_one(model_factory: ModelFactory) 
     assert model._session.get_session_options().intra_op_num_threads == max(1, usable - 1)
 
 
+def test_a_heavy_model_gets_every_core(
+    model_factory: ModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import service.inference.session as session_module
+
+    usable = len(os.sched_getaffinity(0))
+    if usable < 2:
+        pytest.skip("needs 2 usable cores")
+    light = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=1))
+    assert light.intra_op_threads == usable - 1  # the tiny test model is not heavy
+    monkeypatch.setattr(session_module, "HEAVY_MODEL_MS", 0.0)  # every model is heavy now
+    heavy = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=1))
+    assert heavy.intra_op_threads == usable
+    assert heavy._session.get_session_options().intra_op_num_threads == usable
+    pinned = OrtModel(
+        model_factory(), InferenceConfig(providers=["cpu"], intra_op_threads=1, warmup_runs=1)
+    )
+    assert pinned.intra_op_threads == 1  # an explicit count is never changed
+
+
 def test_explicit_cpu_and_thread_counts(model_factory: ModelFactory) -> None:
     model = OrtModel(
         model_factory(), InferenceConfig(providers=["cpu"], intra_op_threads=1, inter_op_threads=1)
