@@ -318,8 +318,7 @@ def soak(
 ) -> None:
     """Run `linewatch serve` with a steady and a churning websocket client; is RSS flat?
 
-    The server runs as a subprocess with its store in a temporary directory; progress
-    goes to stderr. Exits 1 when the server does not exit 0 on SIGTERM.
+    Store in a temp dir; progress on stderr; exit 1 if serve does not exit 0 on SIGTERM.
     """
     import json as _json
 
