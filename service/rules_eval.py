@@ -12,7 +12,8 @@ What counts (docs/rules.md, "Evaluating rules on the sim"):
 - Truth intervals: the sim's scripted incidents (``belt_stop``, ``station_empty``,
   ``arm_stall``, ``zone_intrusion``), plus ``misplaced`` / ``misoriented``: the time
   a part flagged so in the truth is in the rule's zone and at least 80 % in view.
-  Intervals of one kind closer than 1 s are merged.
+  Intervals of one kind closer than the judging rule's ``clear_for`` (at least 1 s)
+  plus half a frame are merged: the rule is configured to stay violated through them.
 - Each kind is judged by the rules of one type and implies line states:
   belt_stop -> conveyor, JAMMED (parts stand still on the belt); station_empty -> presence;
   arm_stall -> stall, FAULT; zone_intrusion -> zone_intrusion, FAULT;
@@ -170,6 +171,15 @@ def in_polygon(points: npt.ArrayLike, polygon: Sequence[Sequence[float]] | None)
         x < (x1 - x0) * (y - y0) / np.where(y1 == y0, 1e-12, y1 - y0) + x0
     )
     return np.asarray(crosses.sum(axis=1) % 2 == 1)
+
+
+def merge_gap_s(clear_for_s: float, dt: float) -> float:
+    """Truth intervals of a kind closer than this are one: the rule that judges the
+    kind stays violated through gaps up to its ``clear_for`` (it clears only after
+    ``clear_for`` seconds without a violation, at a frame), so a gap of ``clear_for``
+    or less cannot show as a clear and a new onset.  At least ``MERGE_GAP_S``; half a
+    frame interval absorbs the rounding of frame times."""
+    return max(MERGE_GAP_S, clear_for_s) + dt / 2
 
 
 def flag_intervals(
@@ -401,6 +411,18 @@ def run_eval(
     wall_s = time.perf_counter() - t_start
     parts_counted = _parts(engine) - (parts_at_warmup or 0)
 
+    rule_kinds: dict[str, list[str]] = {r.name: [] for r in line.rules}
+    for_s: dict[str, float] = {}
+    clear_for_s: dict[str, float] = {}
+    for kind, rtype in KIND_RULE_TYPE.items():
+        for r in line.rules:
+            if r.type == rtype:
+                rule_kinds[r.name].append(kind)
+                for_s.setdefault(kind, r.for_s)
+                clear_for_s.setdefault(kind, r.clear_for_s)
+    for state in FAULT_STATES:
+        rule_kinds[f"state:{state}"] = [k for k, s in KIND_STATES.items() if state in s]
+
     intervals: dict[str, list[Interval]] = {}
     for inc in scene.incidents(0.0, seconds):
         intervals.setdefault(inc.kind, []).append(
@@ -413,19 +435,8 @@ def run_eval(
     for kind, ivs in intervals.items():
         for iv in ivs:  # tracks are confirmed only after a few frames
             iv.judged = iv.start >= WARMUP_S
-        intervals[kind] = merge_intervals(ivs)
+        intervals[kind] = merge_intervals(ivs, merge_gap_s(clear_for_s.get(kind, 0.0), dt))
 
-    rule_kinds: dict[str, list[str]] = {r.name: [] for r in line.rules}
-    for_s: dict[str, float] = {}
-    clear_for_s: dict[str, float] = {}
-    for kind, rtype in KIND_RULE_TYPE.items():
-        for r in line.rules:
-            if r.type == rtype:
-                rule_kinds[r.name].append(kind)
-                for_s.setdefault(kind, r.for_s)
-                clear_for_s.setdefault(kind, r.clear_for_s)
-    for state in FAULT_STATES:
-        rule_kinds[f"state:{state}"] = [k for k, s in KIND_STATES.items() if state in s]
     scores, items = judge_changes(
         events, intervals, rule_kinds, for_s, clear_for_s, horizon=seconds
     )

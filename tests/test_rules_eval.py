@@ -19,6 +19,7 @@ from service.rules_eval import (
     _pose_by_class,
     in_polygon,
     judge_changes,
+    merge_gap_s,
     merge_intervals,
     run_eval,
 )
@@ -38,6 +39,20 @@ def test_intervals_closer_than_a_second_merge() -> None:
         [Interval("m", 5.0, 6.0), Interval("m", 1.0, 2.0), Interval("m", 2.5, 3.0)]
     )
     assert [(i.start, i.end) for i in merged] == [(1.0, 3.0), (5.0, 6.0)]
+
+
+def test_gaps_the_judging_rule_bridges_merge() -> None:
+    """Two misoriented parts 1 s apart, judged by a rule with clear_for 1 s: the rule
+    cannot clear before the second part arrives, so the truth is one interval."""
+    dt = 1 / 15
+    gap = merge_gap_s(1.0, dt)
+    first = Interval("misoriented", 389.53, 389.53 + 8.0)
+    second = Interval("misoriented", first.end + 1.0, first.end + 9.0)
+    assert len(merge_intervals([first, second], gap)) == 1
+    later = Interval("misoriented", first.end + 1.0 + dt, first.end + 9.0)
+    assert len(merge_intervals([first, later], gap)) == 2  # one frame more: it can clear
+    assert merge_gap_s(0.5, dt) == merge_gap_s(0.0, dt) == pytest.approx(1.0 + dt / 2)
+    assert merge_gap_s(3.0, dt) == pytest.approx(3.0 + dt / 2)
 
 
 def test_points_in_polygon() -> None:

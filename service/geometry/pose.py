@@ -69,8 +69,10 @@ class _Moments:
         ty = self.cp[:, 1] - (s * self.cq[:, 0] + c * self.cq[:, 1])
         ex = c[:, None] * a[..., 0] - s[:, None] * a[..., 1] - b[..., 0]
         ey = s[:, None] * a[..., 0] + c[:, None] * a[..., 1] - b[..., 1]
-        rms = np.sqrt((self.w * (ex * ex + ey * ey)).sum(axis=1) / self.sw)
-        out = np.column_stack([tx, ty, _wrap_deg(np.degrees(theta)), rms])
+        out = np.empty((len(theta), 4))
+        out[:, 0], out[:, 1] = tx, ty
+        out[:, 2] = _wrap_deg(np.degrees(theta))
+        out[:, 3] = np.sqrt((self.w * (ex * ex + ey * ey)).sum(axis=1) / self.sw)
         out[self.used < 2] = np.nan
         return out
 
@@ -119,7 +121,8 @@ def rotation_variance(templates: npt.ArrayLike, weights: npt.ArrayLike,
 
 def _variance(m: _Moments, residual_mm: npt.ArrayLike, sigma_mm: float, gain: float) -> F64:
     lever = m.lever()
-    resid = np.nan_to_num(np.asarray(residual_mm, np.float64))
+    resid = np.asarray(residual_mm, np.float64)
+    resid = np.where(np.isfinite(resid), resid, 0.0)
     var = (sigma_mm**2 + (gain * resid) ** 2) / np.maximum(lever, 1e-12)
     return np.where((m.used >= 2) & (lever > 0), var, np.nan)
 
