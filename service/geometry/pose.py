@@ -108,8 +108,9 @@ def rotation_variance(templates: npt.ArrayLike, weights: npt.ArrayLike,
     """Variance (rad^2) of the angle of weighted rigid fits, N at once.
 
     For keypoint noise sigma (mm) on each used point the fitted angle varies by
-    about sigma^2 / sum_k w_k |q_k - c|^2 (weights scaled to average 1, c their
-    centroid of the template): keypoints far from the centre pin the angle down.
+    about sigma^2 / sum_k w_k |q_k - c|^2 (weights scaled to average 1, c the
+    weighted centroid of the used template points): keypoints far from the centre
+    pin the angle down.
     sigma^2 is ``keypoint_sigma_mm^2 + (residual_gain * residual_mm)^2``.  NaN
     where fewer than 2 keypoints count.
     """
@@ -255,7 +256,8 @@ class PoseEstimator:
                 cfg = self.smoothing
                 var = _variance(m, fit[:, 3], cfg.keypoint_sigma_mm, cfg.residual_gain)
                 theta = self._filter.filter(tracks.track_ids[rows], cls[rows], fit[:, 2], var)
-                fit = m.pose(np.where(np.isfinite(theta), np.radians(theta), np.nan))
+                fit = np.where(np.isfinite(theta)[:, None],
+                               m.pose(np.radians(np.nan_to_num(theta))), fit)
             fits[rows] = fit
         centre = (det.boxes[:, :2] + det.boxes[:, 2:]).astype(np.float64) / 2
         jac = homography.jacobian(centre) if n else np.zeros((0, 2, 2))

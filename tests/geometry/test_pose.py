@@ -336,3 +336,15 @@ def test_joint_angles_are_batched_and_wrapped() -> None:
     assert (got >= -180).all() and (got < 180).all()
     assert len(ARM_LINKS_MM) == 4
     assert project(np.eye(3), np.zeros((1, 2))).shape == (1, 2)
+
+
+def test_a_fit_without_angle_information_keeps_its_translation() -> None:
+    """Two visible keypoints at the same template point: no angle to filter, but the
+    position is still known."""
+    template = np.array([[0.0, 0.0], [0.0, 0.0], [30.0, 0.0]])
+    kp = np.array([[[10.0, 20.0, 0.9], [10.0, 20.0, 0.9], [0.0, 0.0, 0.0]]])
+    tracks = Tracks(Detections(_f32([[0, 0, 40, 40]]), _f32([0.9]), _i32([0]), _f32(kp)),
+                    _i32([1]), _f32([[0.0, 0.0]]))
+    out = PoseEstimator({0: template}).update(tracks, Homography(np.eye(3)))
+    assert out.poses is not None
+    assert out.poses[0, :2].tolist() == pytest.approx([10.0, 20.0])
