@@ -160,7 +160,8 @@ def raw_model_fps(loaded: LoadedModel, images: Sequence[ImageArray], seconds: fl
 
     model = loaded.model
     feeds, _ = model.adapter.preprocess(list(images))
-    threads = {"intra_op_threads": model.intra_op_threads}  # as the model runs (auto resolved)
+    # the threads as the model runs them (``0`` = auto resolved)
+    threads = {"intra_op_threads": model.intra_op_threads, "spin_wait": model.spin_wait}
     session, _ = open_session(
         model.path, inference_config(loaded.config).model_copy(update=threads)
     )
@@ -304,6 +305,7 @@ def run_bench(
         "threads": {
             "intra_op": loaded.model.intra_op_threads,
             "inter_op": loaded.config.inter_op_threads,
+            "spin_wait": loaded.model.spin_wait,
         },
         "sources": f"replay of {replay_frames} frames" if replay_frames > 0 else "live",
         "capture_ms_per_frame": round(float(np.mean(capture_ms)), 2) if capture_ms else None,

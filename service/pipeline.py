@@ -660,12 +660,13 @@ class InferenceLoop:
 
     Started, it runs three threads joined by short queues, so that the model never
     waits for Python work: the *prepare* thread takes the newest frame of each
-    camera and preprocesses the batch; the *inference* thread runs the model (ONNX
-    Runtime releases the GIL while it computes); the *stage* thread decodes the
-    outputs, tracks, fits poses, judges the rules, builds the messages and
-    publishes them.  Frames keep their order per camera.  ``stop`` stops taking
-    frames and lets the batches already taken through.  ``step`` does it all
-    inline (single-threaded callers and tests).
+    camera and preprocesses the batch, just in time for the model; the *inference*
+    thread runs the model (ONNX Runtime releases the GIL while it computes); the
+    *stage* thread decodes the outputs, tracks, fits poses, judges the rules,
+    builds the messages and publishes them.  Frames keep their order per camera.
+    A model that takes every CPU core runs the steps in turn on one thread instead
+    (see ``overlapped``).  ``stop`` stops taking frames and lets the batches already
+    taken through.  ``step`` does it all inline (single-threaded callers and tests).
     """
 
     def __init__(
@@ -728,10 +729,13 @@ class InferenceLoop:
         self._stop.clear()
         self._prepared.reopen()
         self._inferred.reopen()
-        for name, target in (
-            ("stages", self._run_stages), ("inference", self._run_inference),
-            ("prepare", self._run_prepare),
-        ):
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            (("stages", self._run_stages), ("inference", self._run_inference),
+             ("prepare", self._run_prepare))
+            if self.overlapped
+            else (("inference", self._run_serial),)
+        )
+        for name, target in steps:
             thread = threading.Thread(target=target, name=f"{name}-{self.model_id}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -749,6 +753,22 @@ class InferenceLoop:
     @property
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether the steps run on three threads.  A model that takes every CPU core
+        (a heavy model on the CPU: ``uses_all_cores``) runs them in turn on one thread
+        instead: Python work beside a run that fills every core only preempts its
+        threads, which then wait for each other at each operator."""
+        return not bool(getattr(self._model, "uses_all_cores", False))
+
+    def _run_serial(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step(self._idle_wait_s)
+            except Exception as exc:  # keep serving the other frames; logged loudly
+                self._failed(exc, "a batch")
+                self._stop.wait(1.0)
 
     def processed(self, camera_id: str) -> int:
         for feed in self._feeds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -331,6 +332,40 @@ def test_the_stages_of_one_frame_run_while_the_model_computes_the_next(
     seqs = [m["seq"] for m in publisher.messages]
     assert seqs == sorted(set(seqs))  # in order, once each
     assert slow.calls == len(publisher.messages) + 1  # the failed one, and all drained
+
+
+class AllCoresModel(SlowModel):
+    """A model whose session takes every core (a heavy model on the CPU)."""
+
+    uses_all_cores = True
+
+
+def test_a_model_on_every_core_runs_the_steps_in_turn_on_one_thread(
+    onnx_model, cameras
+) -> None:
+    heavy = AllCoresModel(onnx_model(), delay_s=0.02)
+    cam = cameras("cam-a", fps=50.0)
+    _wait_frames(cam)
+    hub = Hub()
+    sub = hub.subscribe(types={"frame"}, maxsize=1000)
+    loop = InferenceLoop("tiny", heavy, heavy.model.info.classes, [CameraFeed("cam-a", cam)], hub)
+    assert not loop.overlapped
+    loop.start()
+    try:
+        names = {t.name for t in threading.enumerate()}
+        assert "inference-tiny" in names and "stages-tiny" not in names
+        assert "prepare-tiny" not in names
+        deadline = time.monotonic() + 10
+        while loop.processed("cam-a") < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        loop.stop()
+    seqs = []
+    while (m := sub.get_nowait()) is not None:
+        seqs.append(m["seq"])
+    assert len(seqs) >= 5 and seqs == sorted(set(seqs))
+    assert not loop.running
 
 
 def test_a_loop_without_cameras_is_refused(onnx_model) -> None:

@@ -123,7 +123,7 @@ def test_a_heavy_model_gets_every_core(
     assert light.intra_op_threads == usable - 1  # the tiny test model is not heavy
     monkeypatch.setattr(session_module, "HEAVY_MODEL_MS", 0.0)  # every model is heavy now
     heavy = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=1))
-    assert heavy.intra_op_threads == usable
+    assert heavy.intra_op_threads == usable and heavy.spin_wait and not light.spin_wait
     assert heavy._session.get_session_options().intra_op_num_threads == usable
     pinned = OrtModel(
         model_factory(), InferenceConfig(providers=["cpu"], intra_op_threads=1, warmup_runs=1)
