@@ -216,7 +216,9 @@ class PoseEstimator:
     Stateful, one per camera: with ``smoothing`` enabled (the default) a part's
     angle is filtered over its track (:class:`OrientationFilter`, keyed by track
     id) and the translation is fitted with the filtered angle, so the reported pose
-    does not jitter with the keypoints from frame to frame.
+    does not jitter with the keypoints from frame to frame.  Fits whose residual is
+    above ``smoothing.max_residual_mm`` do not move a track's angle; a track without a
+    good fit yet keeps its frame-by-frame angle.
     """
 
     def __init__(self, templates: Mapping[int, npt.ArrayLike],
@@ -255,7 +257,8 @@ class PoseEstimator:
             if self._filter is not None:
                 cfg = self.smoothing
                 var = _variance(m, fit[:, 3], cfg.keypoint_sigma_mm, cfg.residual_gain)
-                theta = self._filter.filter(tracks.track_ids[rows], cls[rows], fit[:, 2], var)
+                theta = self._filter.filter(tracks.track_ids[rows], cls[rows], fit[:, 2], var,
+                                            fit[:, 3])
                 fit = np.where(np.isfinite(theta)[:, None],
                                m.pose(np.radians(np.nan_to_num(theta))), fit)
             fits[rows] = fit

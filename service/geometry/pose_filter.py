@@ -10,6 +10,14 @@ move the estimate) and a reset after several such frames in a row (the part real
 turned).  The translation is then fitted again with the filtered angle
 (:class:`~service.geometry.PoseEstimator`).
 
+A fit whose RMS residual is above ``max_residual_mm`` does not match the template
+(the model misplaced keypoints): its angle is no evidence and never moves the
+estimate (nor counts towards a reset); the track keeps its filtered angle.  A track
+that has had no such good fit yet has no estimate: its frame-by-frame angle is
+reported as it is, so a run of poor fits is not averaged into a smooth value that
+holds a rule past its ``for`` (a part the model gets wrong for its whole track
+behaves as without the filter).
+
 Everything is vectorised over the tracks of one frame; the state is a handful of
 arrays keyed by track id, and entries of tracks not seen for ``forget_after``
 updates are dropped, so memory stays bounded however long the camera runs.
@@ -58,6 +66,12 @@ class PoseFilterConfig(BaseModel):
         default=5, ge=0,
         description="After this many outliers in a row the estimate restarts at the fit "
         "(the part turned).",
+    )
+    max_residual_mm: float | None = Field(
+        default=3.0, gt=0.0,
+        description="A fit with a larger RMS residual (mm) leaves the estimate alone; a "
+        "track without a fit under it reports its frame-by-frame angle.  None: every fit "
+        "counts (weighted by its residual).",
     )
     forget_after: int = Field(
         default=100, ge=1,
@@ -111,12 +125,16 @@ class OrientationFilter:
     def filter(
         self, track_ids: npt.ArrayLike, class_ids: npt.ArrayLike,
         theta_deg: npt.ArrayLike, var_rad2: npt.ArrayLike,
+        residual_mm: npt.ArrayLike | None = None,
     ) -> F64:
         """Filtered angles (degrees, [-180, 180)) of this frame's tracks.
 
         ``theta_deg`` / ``var_rad2``: each track's fitted angle and its variance
-        (rad^2); NaN (no fit this frame) keeps the track's state and gives NaN.  A
-        track id seen with another class than before starts afresh.
+        (rad^2); NaN (no fit this frame) keeps the track's state and gives NaN.
+        ``residual_mm``: the fits' RMS residuals; a fit above ``max_residual_mm``
+        keeps the track's state and gives its filtered angle, or NaN (use the fit)
+        for a track without a state.  A track id seen with another class than
+        before starts afresh.
         """
         cfg = self.config
         ids = np.asarray(track_ids, np.int64).ravel()
@@ -124,9 +142,16 @@ class OrientationFilter:
         z = np.radians(np.asarray(theta_deg, np.float64).ravel())
         r = np.asarray(var_rad2, np.float64).ravel()
         self._updates += 1
-        measured = np.isfinite(z) & np.isfinite(r) & (r > 0)
+        fitted = np.isfinite(z) & np.isfinite(r) & (r > 0)
+        measured = fitted
+        if residual_mm is not None and cfg.max_residual_mm is not None:
+            res = np.asarray(residual_mm, np.float64).ravel()
+            measured = fitted & ~(res > cfg.max_residual_mm)  # NaN residual: no information
         slot, known = self._lookup(ids, cls)
         out = np.full(len(ids), np.nan)
+        held = fitted & ~measured & known
+        if held.any():
+            out[held] = self._theta[slot[held]]
 
         step = measured & known
         if step.any():

@@ -197,6 +197,36 @@ def test_pose_estimator_filters_the_angle_over_each_track() -> None:
     assert max(abs(e[3]) for e in smooth) < 1e-3
 
 
+def _flange_track(est: PoseEstimator, points_mm: npt.ArrayLike) -> float:
+    """One update of track 1 (a flange, class 1) with keypoints at points_mm (work
+    plane = pixels); the reported angle."""
+    kp = np.concatenate([np.asarray(points_mm, np.float64), np.full((5, 1), 0.9)], 1)[None]
+    tracks = Tracks(Detections(_f32([[0, 0, 60, 60]]), _f32([0.9]), _i32([1]), _f32(kp)),
+                    _i32([1]), _f32([[0.0, 0.0]]))
+    out = est.update(tracks, Homography(np.eye(3)))
+    assert out.poses is not None
+    return float(out.poses[0, 2])
+
+
+def test_pose_estimator_does_not_average_fits_that_miss_the_template() -> None:
+    flange = _template(1)
+    est = PoseEstimator({1: flange})
+    misplaced = place(flange, 100.0, 0.0, 0.0)
+    misplaced[3] += (0.0, 12.0)  # one keypoint 12 mm off: residual > 3 mm, angle off
+    frame = fit_rigid_2d(flange, misplaced)
+    limit = est.smoothing.max_residual_mm
+    assert limit is not None and frame[3] > limit and abs(frame[2]) > 5.0
+    # no good fit yet: each frame's own angle, as without the filter
+    raw = PoseEstimator({1: flange}, smoothing=PoseFilterConfig(enabled=False))
+    assert _flange_track(est, misplaced) == pytest.approx(_flange_track(raw, misplaced), abs=1e-3)
+    good = PoseEstimator({1: flange})
+    for _ in range(5):
+        _flange_track(good, place(flange, 100.0, 0.0, 2.0))
+    # a track with good fits keeps its angle through a run of poor ones
+    assert [_flange_track(good, misplaced) for _ in range(10)] == pytest.approx([2.0] * 10,
+                                                                                 abs=1e-3)
+
+
 def test_each_pose_estimator_keeps_its_own_tracks() -> None:
     template = _template(0)
     h = Homography(np.eye(3))

@@ -130,3 +130,42 @@ def test_the_config_refuses_unknown_keys() -> None:
         PoseFilterConfig.model_validate({"drift": 0.1})
     with pytest.raises(pydantic.ValidationError):
         PoseFilterConfig(keypoint_sigma_mm=0.0)
+
+
+def _res(f: OrientationFilter, theta: float, residual: float, track: int = 1) -> float:
+    return float(f.filter([track], [0], [theta], [VAR], [residual])[0])
+
+
+def test_poor_fits_never_move_the_estimate_nor_restart_it() -> None:
+    cfg = PoseFilterConfig(max_residual_mm=3.0, max_outliers=3)
+    f = OrientationFilter(cfg)
+    for _ in range(20):
+        _res(f, 0.0, 1.0)
+    # a long run of fits that do not match the template (residual 5 mm), 25 degrees off
+    held = [_res(f, 25.0, 5.0) for _ in range(5 * cfg.max_outliers)]
+    assert held == pytest.approx([0.0] * len(held), abs=1e-9)
+    assert _res(f, 0.4, 1.0) == pytest.approx(0.0, abs=0.4)  # good fits go on averaging
+    # the same run of well-fitting fits is a turn: followed after max_outliers + 1
+    turned = [_res(f, 25.0, 1.0) for _ in range(cfg.max_outliers + 1)]
+    assert _angle_diff(turned[-1], 25.0) < 1e-6
+
+
+def test_a_track_without_a_good_fit_reports_its_frame_angles() -> None:
+    f = OrientationFilter(PoseFilterConfig(max_residual_mm=3.0))
+    # NaN: no estimate, the caller keeps the frame-by-frame fit (not a running mean)
+    assert all(np.isnan(_res(f, z, 5.0)) for z in (20.0, 35.0, 22.0))
+    assert len(f) == 0
+    assert _res(f, 10.0, 2.0) == pytest.approx(10.0)  # the first good fit starts it
+    assert _res(f, 30.0, 5.0) == pytest.approx(10.0)
+    # a NaN residual is no evidence against the fit
+    assert _res(f, 10.5, float("nan")) == pytest.approx(10.0, abs=0.5)
+
+
+def test_without_a_residual_limit_poor_fits_count_less() -> None:
+    f = OrientationFilter(PoseFilterConfig(max_residual_mm=None))
+    for _ in range(20):
+        _res(f, 0.0, 1.0)
+    moved = _res(f, 4.0, 5.0)
+    assert 0.0 < moved < 1.0
+    assert not np.isnan(OrientationFilter(PoseFilterConfig(max_residual_mm=None)).filter(
+        [1], [0], [20.0], [VAR], [5.0])[0])
