@@ -129,16 +129,21 @@ class EventStore:
 
     def _create_tables(self) -> None:
         """Create the tables that are missing.  Two processes (or stores) opening the
-        same new file at once may both see a table missing and one of the CREATEs then
-        fails with "already exists": look again, a few times, before giving up."""
-        for attempt in range(5):
+        same new file at once race: one may see a table missing that the other then
+        creates ("already exists"), or find the file locked while the other switches it
+        to WAL ("database is locked": SQLite does not wait on that).  Both pass once the
+        other is done: look again, with a short backoff, for up to about 10 s."""
+        attempts = 40
+        for attempt in range(attempts):
             try:
                 tables.metadata.create_all(self._engine)
                 return
             except OperationalError as exc:
-                if "already exists" not in str(exc) or attempt == 4:
+                text = str(exc)
+                racing = "already exists" in text or "database is locked" in text
+                if not racing or attempt == attempts - 1:
                     raise
-                time.sleep(0.01 * (attempt + 1))
+                time.sleep(min(0.5, 0.01 * (attempt + 1)))
 
     def close(self) -> None:
         self._engine.dispose()
