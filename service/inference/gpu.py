@@ -317,26 +317,48 @@ class DeviceRunner:
 
     def run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[list[np.ndarray], float, int]:
         chunk = max(1, self.fixed_batch or (min(n, self.max_chunk) if self.max_chunk else n))
-        pieces: list[list[np.ndarray]] = []
-        model_s = 0.0
-        for start in range(0, n, chunk):
-            part = {k: _pad(v[start:start + chunk], chunk) if self.fixed_batch
-                    else v[start:start + chunk] for k, v in feeds.items()}
-            t = time.perf_counter()
-            try:
-                out = self._call(part)
-            except Exception as exc:  # ORT raises its own RuntimeError subclasses
-                raise ModelError(
-                    f"Model {self.name!r} failed to run on a batch of "
-                    f"{next(iter(part.values())).shape[0]} ({self.mode} run on the device: "
-                    f"{type(exc).__name__}: {str(exc).strip()[:300]})."
-                ) from exc
-            model_s += time.perf_counter() - t
-            pieces.append([np.asarray(o) for o in out])
-        if len(pieces) == 1:
-            return [o[:n] for o in pieces[0]], model_s, 1
-        merged = [np.concatenate([p[i] for p in pieces])[:n] for i in range(len(pieces[0]))]
-        return merged, model_s, len(pieces)
+        return run_chunks(
+            self._call, feeds, n, chunk, pad=bool(self.fixed_batch),
+            model=self.name, how=f"{self.mode} run on the device",
+        )
+
+
+def run_chunks(
+    call: Callable[[dict[str, np.ndarray]], Sequence[Any]],
+    feeds: dict[str, np.ndarray],
+    n: int,
+    chunk: int,
+    *,
+    pad: bool,
+    model: str,
+    how: str | None = None,
+) -> tuple[list[np.ndarray], float, int]:
+    """``call`` over the first ``n`` rows of ``feeds`` in chunks of ``chunk`` rows (the last
+    one zero-padded to ``chunk`` when ``pad``); returns the outputs (first n rows), the
+    seconds spent in ``call`` and the number of calls.  A failing call raises ModelError
+    naming ``model`` (and ``how`` it ran)."""
+    pieces: list[list[np.ndarray]] = []
+    model_s = 0.0
+    for start in range(0, n, chunk):
+        part = {
+            k: _pad(v[start:start + chunk], chunk) if pad else v[start:start + chunk]
+            for k, v in feeds.items()
+        }
+        t = time.perf_counter()
+        try:
+            out = call(part)
+        except Exception as exc:  # ORT raises its own RuntimeError subclasses
+            rows = next(iter(part.values())).shape[0]
+            raise ModelError(
+                f"Model {model!r} failed to run on a batch of {rows} "
+                f"({how + ': ' if how else ''}{type(exc).__name__}: {str(exc).strip()[:300]})."
+            ) from exc
+        model_s += time.perf_counter() - t
+        pieces.append([np.asarray(o) for o in out])
+    if len(pieces) == 1:
+        return [o[:n] for o in pieces[0]], model_s, 1
+    merged = [np.concatenate([p[i] for p in pieces])[:n] for i in range(len(pieces[0]))]
+    return merged, model_s, len(pieces)
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:

@@ -33,7 +33,7 @@ from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig, InputOverride
 from service.inference.adapters import Adapter, configured_adapter
 from service.inference.config import PROVIDER_ALIASES, GpuConfig, InferenceConfig
-from service.inference.gpu import DeviceRunner
+from service.inference.gpu import DeviceRunner, run_chunks
 from service.inference.metadata import ModelInfo, model_info_from_session, read_model_info
 from service.inference.preprocess import Transform
 from service.telemetry import metrics
@@ -591,28 +591,8 @@ def run_in_batches(
     Returns the outputs (first n rows), the model-only seconds and the number of runs.
     """
     chunk = n if info.dynamic_batch else (info.fixed_batch or 1)
-    pieces: list[list[np.ndarray]] = []
-    model_s = 0.0
-    for start in range(0, n, chunk):
-        part = {k: _pad_batch(v[start:start + chunk], chunk) for k, v in feeds.items()}
-        t = time.perf_counter()
-        try:
-            out = session.run(output_names, part)
-        except Exception as exc:  # ORT raises its own RuntimeError subclasses
-            raise ModelError(
-                f"Model {name!r} failed to run on a batch of {chunk} "
-                f"({type(exc).__name__}: {str(exc).strip()[:300]})."
-            ) from exc
-        model_s += time.perf_counter() - t
-        pieces.append([np.asarray(o) for o in out])
-    if len(pieces) == 1:
-        return [o[:n] for o in pieces[0]], model_s, 1
-    merged = [np.concatenate([p[i] for p in pieces])[:n] for i in range(len(pieces[0]))]
-    return merged, model_s, len(pieces)
+    return run_chunks(
+        lambda part: session.run(output_names, part), feeds, n, chunk,
+        pad=not info.dynamic_batch, model=name,
+    )
 
-
-def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
-    if x.shape[0] == size:
-        return x
-    pad = np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)
-    return np.concatenate([x, pad])
