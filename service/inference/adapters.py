@@ -47,6 +47,18 @@ class Verdict:
     reason: str
 
 
+def _not_one_rank3_pose_output(info: ModelInfo) -> Verdict | None:
+    """Why a model is not one rank-3 pose/detect output (what both whole-frame formats
+    need), or None when it is."""
+    if len(info.outputs) != 1:
+        return Verdict(False, f"{len(info.outputs)} outputs, expected 1")
+    if len(info.outputs[0].shape) != 3:
+        return Verdict(False, f"output {info.outputs[0].describe()} is not rank 3")
+    if info.task not in (None, "pose", "detect"):
+        return Verdict(False, f"task={info.task!r}, expected pose or detect")
+    return None
+
+
 class Adapter(ABC):
     """One model family: preprocess images, postprocess outputs to Detections."""
 
@@ -186,13 +198,10 @@ class End2EndAdapter(Adapter):
 
     @classmethod
     def accepts(cls, info: ModelInfo) -> Verdict:
-        if len(info.outputs) != 1:
-            return Verdict(False, f"{len(info.outputs)} outputs, expected 1")
+        refused = _not_one_rank3_pose_output(info)
+        if refused is not None:
+            return refused
         out = info.outputs[0]
-        if len(out.shape) != 3:
-            return Verdict(False, f"output {out.describe()} is not rank 3")
-        if info.task not in (None, "pose", "detect"):
-            return Verdict(False, f"task={info.task!r}, expected pose or detect")
         k, d = info.kpt_shape or (0, 3)
         width = 6 + k * d
         last = out.shape[2]
@@ -304,13 +313,10 @@ class UltralyticsPoseAdapter(Adapter):
 
     @classmethod
     def accepts(cls, info: ModelInfo) -> Verdict:
-        if len(info.outputs) != 1:
-            return Verdict(False, f"{len(info.outputs)} outputs, expected 1")
+        refused = _not_one_rank3_pose_output(info)
+        if refused is not None:
+            return refused
         out = info.outputs[0]
-        if len(out.shape) != 3:
-            return Verdict(False, f"output {out.describe()} is not rank 3")
-        if info.task not in (None, "pose", "detect"):
-            return Verdict(False, f"task={info.task!r}, expected pose or detect")
         if info.output_format not in (None, "raw", "ultralytics"):
             return Verdict(False, f"output_format={info.output_format!r}")
         channels, anchors = out.shape[1], out.shape[2]

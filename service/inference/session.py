@@ -405,6 +405,7 @@ class OrtModel:
             self._device_runner = self._make_device_runner(self.device_setup)
         self.intra_op_threads = self.config.intra_op_threads or auto_intra_op_threads()
         self.spin_wait = self.config.spin_wait
+        self.warmup_ms_per_image = float("inf")  # the fastest warm-up run (set by _warm_up)
         self._warm_up()
         self._all_cores_if_heavy()
         log.info(
@@ -435,7 +436,7 @@ class OrtModel:
         workers spin between operators (without spinning, waking them for each of a
         few hundred operators costs YOLO11n-pose at 640 about 15 % on 2 cores)."""
         usable = auto_intra_op_threads() + 1
-        fastest = getattr(self, "warmup_ms_per_image", float("inf"))  # the quickest run
+        fastest = self.warmup_ms_per_image
         if (
             self.config.intra_op_threads != 0
             or self.provider != CPU
@@ -497,7 +498,6 @@ class OrtModel:
 
     def _warm_up(self) -> None:
         blank = np.zeros((self.info.input.height, self.info.input.width, 3), np.uint8)
-        self.warmup_ms_per_image = float("inf")
         for _ in range(self.config.warmup_runs):
             self._predict([blank])
             self.warmup_ms_per_image = min(
