@@ -12,7 +12,9 @@ loop of ``session.run`` on frames of the run, preprocessed once: ``raw_model_fps
 (with replayed sources, half of it before the pipeline runs and half after, and
 the mean reported, so that a load that changes during the run weighs on both).
 ``overhead_ratio = raw_model_fps / fps`` is what the pipeline costs on top of the
-model (1.0 = nothing).
+model (1.0 = nothing).  A model with several instances (``instances``) loops as that
+many sessions side by side; ``single_session_fps`` is then also timed: one session
+with every core, the plain loop a user would write.
 """
 
 from __future__ import annotations
@@ -154,18 +156,31 @@ class RawResult:
     batch: int
 
 
-def raw_model_fps(loaded: LoadedModel, images: Sequence[ImageArray], seconds: float) -> RawResult:
-    """Images/s of a bare ``session.run`` loop: same file, providers, threads and batch."""
+def raw_model_fps(
+    loaded: LoadedModel,
+    images: Sequence[ImageArray],
+    seconds: float,
+    *,
+    instances: int | None = None,
+    threads: dict[str, Any] | None = None,
+) -> RawResult:
+    """Images/s of a bare ``session.run`` loop: same file, providers, threads and batch.
+
+    A model with several instances runs as that many sessions, each looping in its own
+    thread (its capacity without the pipeline); ``instances``/``threads`` override the
+    model's own counts.
+    """
     from service.inference.session import open_session
 
     model = loaded.model
     feeds, _ = model.adapter.preprocess(list(images))
     # the threads as the model runs them (``0`` = auto resolved)
-    threads = {"intra_op_threads": model.intra_op_threads, "spin_wait": model.spin_wait}
-    session, _ = open_session(
-        model.path, inference_config(loaded.config).model_copy(update=threads)
-    )
-    outputs = [o.name for o in session.get_outputs()]
+    threads = threads or {"intra_op_threads": model.intra_op_threads,
+                          "spin_wait": model.spin_wait}
+    config = inference_config(loaded.config).model_copy(update=threads)
+    sessions = [open_session(model.path, config)[0]
+                for _ in range(instances or model.instances)]
+    outputs = [o.name for o in sessions[0].get_outputs()]
     n = len(images)
     chunk = n if model.info.dynamic_batch else (model.info.fixed_batch or 1)
     parts = []
@@ -178,19 +193,29 @@ def raw_model_fps(loaded: LoadedModel, images: Sequence[ImageArray], seconds: fl
                 piece = np.concatenate([piece, pad])
             part[name] = piece
         parts.append(part)
-    for part in parts:  # warm-up, as the service does
-        session.run(outputs, part)
-    runs = 0
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    while True:
+    for session in sessions:  # warm-up, as the service does
         for part in parts:
             session.run(outputs, part)
-        runs += 1
-        if time.perf_counter() >= deadline:
-            break
+    counts = [0] * len(sessions)
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+
+    def loop(i: int) -> None:
+        while True:
+            for part in parts:
+                sessions[i].run(outputs, part)
+            counts[i] += 1
+            if time.perf_counter() >= deadline:
+                return
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(1, len(sessions))]
+    for worker in workers:
+        worker.start()
+    loop(0)
+    for worker in workers:
+        worker.join()
     elapsed = time.perf_counter() - t0
-    return RawResult(fps=runs * n / elapsed, runs=runs, batch=n)
+    return RawResult(fps=sum(counts) * n / elapsed, runs=sum(counts), batch=n)
 
 
 # --- the bench ------------------------------------------------------------------------
@@ -284,6 +309,13 @@ def run_bench(
         fps=float(np.mean([r.fps for r in raw_runs])), runs=sum(r.runs for r in raw_runs),
         batch=raw_runs[-1].batch,
     )
+    single: RawResult | None = None
+    if loaded.model.instances > 1:  # the plain alternative: one session on every core
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        single = raw_model_fps(
+            loaded, images, raw_s / 2, instances=1,
+            threads={"intra_op_threads": usable, "spin_wait": True},
+        )
     capture_ms = [r.capture_ms_per_frame for r in replays if r.capture_ms_per_frame is not None]
     fps = recorder.frames / elapsed
     compared = _compare_ultralytics(config, loaded, seconds) if compare else {}
@@ -302,6 +334,8 @@ def run_bench(
         "model": str(loaded.config.path),
         "cameras": len(loaded.cameras),
         "batch": raw.batch,
+        "instances": loaded.model.instances,
+        **({"single_session_fps": round(single.fps, 2)} if single is not None else {}),
         "threads": {
             "intra_op": loaded.model.intra_op_threads,
             "inter_op": loaded.config.inter_op_threads,

@@ -235,6 +235,11 @@ class ModelConfig(_Section):
         default=0, ge=0, description="0: auto, every usable core but one (at least one)"
     )
     inter_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime's default")
+    instances: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="sessions running consecutive batches side by side; auto: 2 for a heavy "
+        "model on the CPU, else 1",
+    )
     score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     max_detections: int | None = Field(
         default=None, ge=1, description="keep at most this many instances per frame"

@@ -18,6 +18,8 @@ message dicts, metric children bound once.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import threading
 import time
@@ -25,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -598,7 +600,10 @@ class _Mean:
             self.value += self._weight * (seconds - self.value)
 
 
-class _Handoff:
+T = TypeVar("T")
+
+
+class _Handoff(Generic[T]):
     """A short queue between two threads of a loop.
 
     ``put`` blocks while ``depth`` items wait (the next step is behind: the loop
@@ -609,11 +614,11 @@ class _Handoff:
 
     def __init__(self, depth: int) -> None:
         self._cond = threading.Condition()
-        self._items: deque[tuple[Batch, Any]] = deque()
+        self._items: deque[T] = deque()
         self._depth = max(1, depth)
         self._closed = False
 
-    def put(self, item: tuple[Batch, Any], stop: threading.Event | None = None) -> bool:
+    def put(self, item: T, stop: threading.Event | None = None) -> bool:
         with self._cond:
             while len(self._items) >= self._depth and not self._closed:
                 if stop is not None and stop.is_set():
@@ -634,7 +639,7 @@ class _Handoff:
                 self._cond.wait(0.1)
             return not stop.is_set()
 
-    def get(self) -> tuple[Batch, Any] | None:
+    def get(self) -> T | None:
         with self._cond:
             while not self._items and not self._closed:
                 self._cond.wait()
@@ -653,6 +658,58 @@ class _Handoff:
         with self._cond:
             self._closed = False
             self._items.clear()
+
+
+class _InOrder:
+    """Batches from several inference threads, handed on in the order they were taken.
+
+    Each batch has a number from the prepare thread; ``put`` files a batch (or None for
+    one whose run failed) under its number, ``get`` returns the next number's batch
+    once it is there.  ``put`` blocks while ``depth`` batches wait, except for the
+    batch the consumer waits for (so the threads never wait on each other in a ring).
+    The queue closes when every producer has closed it.
+    """
+
+    def __init__(self, depth: int, producers: int = 1) -> None:
+        self._cond = threading.Condition()
+        self._items: dict[int, tuple[Batch, Any] | None] = {}
+        self._depth = max(1, depth)
+        self._producers = self._open = max(1, producers)
+        self._next = 0
+
+    def put(self, number: int, item: tuple[Batch, Any] | None) -> None:
+        with self._cond:
+            while (len(self._items) >= self._depth and number != self._next
+                   and self._open == self._producers):
+                self._cond.wait(0.1)
+            self._items[number] = item
+            self._cond.notify_all()
+
+    def get(self) -> tuple[Batch, Any] | None:
+        """The next batch in order; None once every producer closed and all is drained."""
+        with self._cond:
+            while True:
+                while self._next in self._items:
+                    item = self._items.pop(self._next)
+                    self._next += 1
+                    self._cond.notify_all()
+                    if item is not None:
+                        return item
+                if self._open == 0:
+                    return None
+                self._cond.wait()
+
+    def close(self) -> None:
+        """One producer is done (the last one closes the queue)."""
+        with self._cond:
+            self._open -= 1
+            self._cond.notify_all()
+
+    def reopen(self, producers: int) -> None:
+        with self._cond:
+            self._producers = self._open = max(1, producers)
+            self._items.clear()
+            self._next = 0
 
 
 class InferenceLoop:
@@ -703,13 +760,18 @@ class InferenceLoop:
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._prepared = _Handoff(1)  # one batch ready while the model runs the last
-        self._run_started: float | None = None  # perf_counter() of the run in progress
+        # one batch ready while the model runs the last (numbered: kept in order after)
+        self._prepared: _Handoff[tuple[int, Batch, Any]] = _Handoff(1)
+        # instances of the model that run batches side by side (OrtModel.instances)
+        self._workers = max(1, int(getattr(model, "instances", 1)))
+        self._runs: dict[int, float] = {}  # worker -> perf_counter() of its run in progress
         self._run_s = _Mean()
         self._prepare_s = _Mean()
-        self._inferred = _Handoff(handoff_depth)
+        self._inferred = _InOrder(handoff_depth, self._workers)
+        self._numbers = itertools.count()
         self._wait_index = 0
         self.batches = 0
+        self._count_lock = threading.Lock()
         self.errors = 0
         self.last_error: str | None = None
         self._camera_metrics = {
@@ -728,12 +790,18 @@ class InferenceLoop:
             return
         self._stop.clear()
         self._prepared.reopen()
-        self._inferred.reopen()
-        steps: tuple[tuple[str, Callable[[], None]], ...] = (
-            (("stages", self._run_stages), ("inference", self._run_inference),
-             ("prepare", self._run_prepare))
+        self._inferred.reopen(self._workers)
+        self._numbers = itertools.count()
+        self._runs.clear()
+        inference = [
+            (f"inference{i if self._workers > 1 else ''}",
+             functools.partial(self._run_inference, i))
+            for i in range(self._workers)
+        ]
+        steps: list[tuple[str, Callable[[], None]]] = (
+            [("stages", self._run_stages), *inference, ("prepare", self._run_prepare)]
             if self.overlapped
-            else (("inference", self._run_serial),)
+            else [("inference", self._run_serial)]
         )
         for name, target in steps:
             thread = threading.Thread(target=target, name=f"{name}-{self.model_id}", daemon=True)
@@ -759,7 +827,8 @@ class InferenceLoop:
         """Whether the steps run on three threads.  A model that takes every CPU core
         (a heavy model on the CPU: ``uses_all_cores``) runs them in turn on one thread
         instead: Python work beside a run that fills every core only preempts its
-        threads, which then wait for each other at each operator."""
+        threads, which then wait for each other at each operator.  A model with
+        several instances gets one inference thread per instance."""
         return not bool(getattr(self._model, "uses_all_cores", False))
 
     def _run_serial(self) -> None:
@@ -794,7 +863,8 @@ class InferenceLoop:
                         t0 = time.perf_counter()
                         prepared = self._steps.prepare(batch[0])
                         self._prepare_s.add(time.perf_counter() - t0)
-                        if not self._prepared.put((batch, prepared), self._stop):
+                        item = (next(self._numbers), batch, prepared)
+                        if not self._prepared.put(item, self._stop):
                             break
                 except Exception as exc:  # keep serving the other frames; logged loudly
                     self._failed(exc, "preparing a batch")
@@ -802,15 +872,20 @@ class InferenceLoop:
         finally:
             self._prepared.close()
 
+    def _busy_since(self) -> float | None:
+        """When the earliest run in progress started, if every instance is running."""
+        runs = list(self._runs.values())
+        return min(runs) if len(runs) >= self._workers else None
+
     def _wait_until_needed(self) -> None:
-        """Just-in-time: while the model runs a batch, take the next frames only when
-        they can be prepared by the time the run ends, so that a busy model still
-        gets the newest frames (not ones taken a whole run earlier)."""
-        started = self._run_started
+        """Just-in-time: while the model runs a batch on every instance, take the next
+        frames only when they can be prepared by the time the first run ends, so that
+        a busy model still gets the newest frames (not ones taken a whole run earlier)."""
+        started = self._busy_since()
         if started is None:
             return
         if self._run_s.empty:  # the first run: its length is unknown, wait for its end
-            while self._run_started is not None and not self._stop.wait(0.001):
+            while self._busy_since() is not None and not self._stop.wait(0.001):
                 pass
             return
         ready_at = started + self._run_s.value - self._prepare_s.value - JIT_MARGIN_S
@@ -818,21 +893,23 @@ class InferenceLoop:
         if delay > 0:
             self._stop.wait(delay)
 
-    def _run_inference(self) -> None:
+    def _run_inference(self, worker: int = 0) -> None:
         try:
             while (item := self._prepared.get()) is not None:
-                batch, prepared = item
-                t0 = self._run_started = time.perf_counter()
+                number, batch, prepared = item
+                t0 = self._runs[worker] = time.perf_counter()
                 try:
                     inferred = self._steps.infer(prepared)
                 except Exception as exc:  # the next batch still runs
                     self._failed(exc, "a batch")
+                    self._inferred.put(number, None)
                     continue
                 finally:
-                    self._run_started = None
+                    self._runs.pop(worker, None)
                 self._run_s.add(time.perf_counter() - t0)
-                self.batches += 1
-                self._inferred.put((batch, inferred))
+                with self._count_lock:
+                    self.batches += 1
+                self._inferred.put(number, (batch, inferred))
         finally:
             self._inferred.close()
 

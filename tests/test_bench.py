@@ -103,6 +103,18 @@ def test_a_short_real_bench(config_file: Path) -> None:
     assert result["sources"] == "replay of 90 frames" and result["capture_ms_per_frame"] > 0
     assert len(result["raw_model_fps_runs"]) == 2  # before and after the pipeline
     assert result["frames_dropped"] == 0  # non-realtime cameras are paced by the model
+    assert result["instances"] == 1 and "single_session_fps" not in result
+
+
+@pytest.mark.slow
+def test_a_bench_of_a_model_with_two_instances(config_file: Path) -> None:
+    data = yaml.safe_load(config_file.read_text())
+    data["models"][0]["instances"] = 2
+    config_file.write_text(yaml.safe_dump(data))
+    result = run_bench(config_file, seconds=1.0, warmup_s=0.3, raw_seconds=0.4)
+    assert result["instances"] == 2 and result["frames"] >= 5
+    # the bare loop runs both sessions side by side; the plain one-session loop beside it
+    assert result["raw_model_fps"] > 0 and result["single_session_fps"] > 0
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -366,6 +367,74 @@ def test_a_model_on_every_core_runs_the_steps_in_turn_on_one_thread(
         seqs.append(m["seq"])
     assert len(seqs) >= 5 and seqs == sorted(set(seqs))
     assert not loop.running
+
+
+class InstancesModel:
+    """Several instances of the real model whose runs take random times and overlap
+    (like ``OrtModel`` with ``instances: N``): later batches often finish first."""
+
+    def __init__(self, model: OrtModel, instances: int, fail_on: int = -1) -> None:
+        self.model, self.instances, self.fail_on = model, instances, fail_on
+        self.rng = random.Random(5)
+        self.lock = threading.Lock()
+        self.running = self.most_running = self.runs = 0
+
+    def prepare(self, images: list[np.ndarray], cameras: Any) -> Any:
+        return self.model.prepare(images, cameras)
+
+    def infer(self, prepared: Any) -> Any:
+        with self.lock:
+            self.runs += 1
+            number = self.runs
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            delay = self.rng.uniform(0.005, 0.06)
+        try:
+            time.sleep(delay)
+            if number == self.fail_on:
+                raise RuntimeError("one run broke")
+            return self.model.infer(prepared)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def finish(self, inferred: Any) -> list[Detections]:
+        return self.model.finish(inferred)
+
+    def predict(self, images: list[np.ndarray]) -> list[Detections]:
+        return self.finish(self.infer(self.prepare(images, None)))
+
+
+@pytest.mark.slow
+def test_instances_run_side_by_side_and_frames_stay_in_order(onnx_model, cameras) -> None:
+    model = InstancesModel(onnx_model(), instances=3, fail_on=4)
+    cam_a = cameras("cam-a", seed=1, realtime=False)
+    cam_b = cameras("cam-b", seed=2, realtime=False)
+    _wait_frames(cam_a, cam_b)
+    hub = Hub()
+    sub = hub.subscribe(types={"frame"}, maxsize=10000)
+    loop = InferenceLoop(
+        "tiny", model, model.model.info.classes,
+        [CameraFeed("cam-a", cam_a), CameraFeed("cam-b", cam_b)], hub, max_batch=1,
+    )
+    loop.start()
+    try:
+        names = {t.name for t in threading.enumerate()}
+        assert {"inference0-tiny", "inference1-tiny", "inference2-tiny"} <= names
+        time.sleep(2.0)
+    finally:
+        loop.stop()
+    assert not loop.running
+    seqs: dict[str, list[int]] = {"cam-a": [], "cam-b": []}
+    while (m := sub.get_nowait()) is not None:
+        seqs[str(m["camera"])].append(int(str(m["seq"])))
+    assert model.most_running == 3  # three runs at once
+    assert loop.errors == 1 and "one run broke" in (loop.last_error or "")
+    for cam, got in seqs.items():
+        assert len(got) >= 10, (cam, len(got))
+        assert got == sorted(set(got)), cam  # in order, once each, after the failed run
+    # every run but the failed one was published; nothing is left waiting
+    assert sum(len(g) for g in seqs.values()) == model.runs - 1 == loop.batches
 
 
 def test_a_loop_without_cameras_is_refused(onnx_model) -> None:

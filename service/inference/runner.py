@@ -48,12 +48,13 @@ class Predictor(OrtModel):
                 "regression). Remove adapter.roi.detector, or force a top-down adapter."
             )
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, *, every_instance: bool = False) -> None:
         if not isinstance(self.adapter, TopDownAdapter):
-            super()._warm_up()
+            super()._warm_up(every_instance=every_instance)
             return
         blank = np.zeros((self.info.input.height, self.info.input.width, 3), np.uint8)
-        for _ in range(self.config.warmup_runs):  # one whole-frame ROI (a detector finds none)
+        runs = self.config.warmup_runs * (self.instances if every_instance else 1)
+        for _ in range(runs):  # one whole-frame ROI (a detector finds none)
             feeds, transforms = self.adapter.preprocess_rois(
                 [blank], [np.asarray([whole_image_box(blank)], np.float32)]
             )

@@ -36,11 +36,12 @@ from service.inference.gpu import (
 )
 from service.inference.metadata import InputSpec, read_model_info
 from service.inference.preprocess import to_layout
-from service.inference.session import CPU, nvidia_driver_present
+from service.inference.session import CPU, nvidia_driver_present, tensorrt_runtime_present
 from tests.inference.onnx_factory import K, default_metadata, make_row
 
 HAS_GPU = nvidia_driver_present() and "CUDAExecutionProvider" in ort.get_available_providers()
-HAS_TRT = HAS_GPU and "TensorrtExecutionProvider" in ort.get_available_providers()
+HAS_TRT = (HAS_GPU and "TensorrtExecutionProvider" in ort.get_available_providers()
+           and tensorrt_runtime_present())
 NEEDS_GPU = pytest.mark.skipif(not HAS_GPU, reason="no NVIDIA GPU / CUDA provider on this machine")
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "models/zoo/linewatch-parts-s.onnx"
@@ -264,7 +265,7 @@ def test_cpu_provider_does_not_take_the_gpu_path(
 
     monkeypatch.setattr(session_mod, "run_in_batches", counting)
     model = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=0))
-    assert model.device_setup is None and model._device_runner is None
+    assert model.device_setup is None and model.device_runners == []
     assert model.acceleration is None
     model.predict(frames(3))
     assert calls == [3]  # the plain session.run path, one batched run
@@ -301,8 +302,7 @@ def test_fast_path_wiring_on_cpu_equals_the_plain_model(
     setup = model.device_setup
     assert setup is not None and setup.uint8_input and setup.io_binding is io_binding
     assert model.info.input.dtype == "uint8" and model.info.input.layout == "NHWC"
-    assert model._device_runner is not None
-    assert model._device_runner.mode == ("bound" if io_binding else "plain")
+    assert [r.mode for r in model.device_runners] == ["bound" if io_binding else "plain"]
     feeds = model.prepare(images).feeds
     assert next(iter(feeds.values())).dtype == np.uint8  # frames go to the device as uint8
     got = model.predict(images)
@@ -321,7 +321,7 @@ def test_fast_path_three_steps_and_cuda_graph_buffers_on_cpu(
         ref = OrtModel(path, InferenceConfig(warmup_runs=0)).predict(images)
     model = OrtModel(path, InferenceConfig(warmup_runs=1, gpu=GpuConfig(cuda_graphs=True)))
     assert model.device_setup is not None and model.device_setup.cuda_graphs
-    assert model._device_runner is not None and model._device_runner.mode == "graph"
+    assert [r.mode for r in model.device_runners] == ["graph"]
     got = model.finish(model.infer(model.prepare(images)))
     assert_same(got, ref)
     assert model.last_timing.runs == 2  # padded chunks of the fixed batch

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from prometheus_client import REGISTRY
 
+import service.inference.session as session_mod
 from service.errors import ModelError
 from service.inference import InferenceConfig, OrtModel
 from service.inference.session import CPU, nvidia_driver_present, resolve_providers
@@ -121,14 +123,77 @@ def test_a_heavy_model_gets_every_core(
         pytest.skip("needs 2 usable cores")
     light = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=1))
     assert light.intra_op_threads == usable - 1  # the tiny test model is not heavy
+    assert light.instances == 1 and light.uses_all_cores is False
     monkeypatch.setattr(session_module, "HEAVY_MODEL_MS", 0.0)  # every model is heavy now
+    one = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=1,
+                                                    instances=1))
+    assert one.intra_op_threads == usable and one.spin_wait and not light.spin_wait
+    assert one._session.get_session_options().intra_op_num_threads == usable
+    assert one.uses_all_cores
+    # instances: auto -> two sessions with half the cores each, run side by side
     heavy = OrtModel(model_factory(), InferenceConfig(providers=["cpu"], warmup_runs=1))
-    assert heavy.intra_op_threads == usable and heavy.spin_wait and not light.spin_wait
-    assert heavy._session.get_session_options().intra_op_num_threads == usable
+    assert heavy.instances == 2 and not heavy.uses_all_cores and not heavy.spin_wait
+    assert heavy.intra_op_threads == max(1, usable // 2)
+    sessions = {id(i.session) for i in heavy._instances}
+    assert len(sessions) == 2
+    for instance in heavy._instances:
+        opts = instance.session.get_session_options()
+        assert opts.intra_op_num_threads == max(1, usable // 2)
     pinned = OrtModel(
         model_factory(), InferenceConfig(providers=["cpu"], intra_op_threads=1, warmup_runs=1)
     )
     assert pinned.intra_op_threads == 1  # an explicit count is never changed
+
+
+def test_instances_run_batches_at_the_same_time_with_the_same_results(
+    model_factory: ModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    path = model_factory()
+    single = OrtModel(path, InferenceConfig(providers=["cpu"], warmup_runs=0, instances=1))
+    pair = OrtModel(path, InferenceConfig(providers=["cpu"], warmup_runs=1, instances=2,
+                                          intra_op_threads=1))
+    assert (single.instances, pair.instances) == (1, 2)
+    assert pair.intra_op_threads == 1  # an explicit count is kept
+    images = [np.full((48, 64, 3), v, np.uint8) for v in (10, 120, 240)]
+    want = single.predict(images)
+    # two threads each hold a run until both are inside one: only two distinct
+    # sessions running at once get past the barrier
+    barrier = threading.Barrier(2, timeout=10)
+    plain = session_mod.run_in_batches
+    used: list[int] = []
+
+    def held(session: Any, *args: Any) -> Any:
+        used.append(id(session))
+        barrier.wait()
+        return plain(session, *args)
+
+    monkeypatch.setattr(session_mod, "run_in_batches", held)
+    results: list[Any] = [None, None]
+
+    def run(i: int) -> None:
+        results[i] = pair.predict(images)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert not barrier.broken and len(set(used)) == 2
+    for got in results:
+        assert got is not None
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-4)
+            np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-4)
+
+
+def test_instances_are_validated() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="instances"):
+        InferenceConfig(instances=0)
+    assert InferenceConfig().instances == "auto"
 
 
 def test_explicit_cpu_and_thread_counts(model_factory: ModelFactory) -> None:
@@ -168,9 +233,14 @@ def test_unknown_provider_is_refused_with_the_available_ones(model_factory: Mode
         OrtModel(model_factory(), InferenceConfig(providers=["FooExecutionProvider"]))
 
 
-def test_resolve_providers_orders_auto_and_expands_aliases() -> None:
+def test_resolve_providers_orders_auto_and_expands_aliases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
+    monkeypatch.setattr(session_mod, "tensorrt_runtime_present", lambda: True)
     assert resolve_providers("auto", avail, gpu_present=True) == avail
+    monkeypatch.setattr(session_mod, "tensorrt_runtime_present", lambda: False)
+    assert resolve_providers("auto", avail, gpu_present=True) == avail[1:]
     assert resolve_providers("auto", avail, gpu_present=False) == [CPU]
     assert resolve_providers("auto", [CPU], gpu_present=True) == [CPU]
     assert resolve_providers(["cuda", "cpu"], avail, True) == ["CUDAExecutionProvider", CPU]
