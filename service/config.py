@@ -572,6 +572,8 @@ def cross_check(data: Any, base_dir: Path | None, *, check_files: bool) -> list[
                     problems.append((("models", i, "path"), f"model file {what}: {path}"))
                 else:
                     problems.extend(_check_adapter_fits(("models", i, "adapter"), mod, path))
+                    problems.extend(_check_cuda_graphs(("models", i, "gpu", "cuda_graphs"),
+                                                       mod, path))
     return problems
 
 
@@ -656,6 +658,24 @@ def _check_adapter_fits(loc: Loc, mod: Mapping[str, Any], path: Path) -> list[tu
         return []
     try:
         check_adapter_fits(path, spec.resolved())
+    except ModelError as exc:
+        return [(loc, str(exc))]
+    return []
+
+
+def _check_cuda_graphs(loc: Loc, mod: Mapping[str, Any], path: Path) -> list[tuple[Loc, str]]:
+    """``gpu.cuda_graphs`` needs a model with a fixed batch (read with onnx, no session)."""
+    gpu = mod.get("gpu")
+    if not (isinstance(gpu, Mapping) and gpu.get("cuda_graphs") is True):
+        return []
+    from service.errors import ModelError
+    from service.inference.config import GpuConfig
+    from service.inference.metadata import read_model_info
+    from service.inference.session import check_cuda_graphs
+
+    try:
+        check_cuda_graphs(read_model_info(path), GpuConfig(cuda_graphs=True),
+                          str(mod.get("id", path.stem)))
     except ModelError as exc:
         return [(loc, str(exc))]
     return []

@@ -212,7 +212,7 @@ def test_gpu_config_defaults_and_refusals() -> None:
 
 
 def test_model_gpu_section_in_a_config_file(tmp_path: Path, model_factory: Any) -> None:
-    model = model_factory()
+    model = model_factory("fixed", batch=2)  # CUDA graphs need a fixed batch
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "cameras:\n  - id: cam\n    source: sim://conveyor\nmodels:\n  - id: m\n"
@@ -225,6 +225,14 @@ def test_model_gpu_section_in_a_config_file(tmp_path: Path, model_factory: Any) 
     assert (ic.max_batch, ic.gpu.fp16, ic.gpu.cuda_graphs, ic.gpu.device_id) == (16, False, True, 1)
     cfg.write_text(cfg.read_text().replace("device_id: 1", "device: 1"))
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: models\[0\]\.gpu\.device"):
+        load_config(cfg)
+    # a dynamic-batch model with cuda_graphs is a config error at its YAML line
+    cfg.write_text(cfg.read_text().replace(str(model), str(model_factory()))
+                   .replace("device: 1", "device_id: 1"))
+    lines = cfg.read_text().splitlines()
+    line = next(i for i, t in enumerate(lines, 1) if "cuda_graphs" in t)
+    with pytest.raises(ConfigError, match=rf"c.yaml:{line}: models\[0\]\.gpu\.cuda_graphs: "
+                                          r"Model 'm': gpu.cuda_graphs needs a fixed batch"):
         load_config(cfg)
 
 
