@@ -116,8 +116,25 @@ def bench_config(config: Config, cameras: int | None = None) -> Config:
                 cam["line"] = f"{first_line['id']}-{cam['id']}"
                 data["lines"].append({**first_line, "id": cam["line"], "cameras": [cam["id"]]})
     data["cameras"] = enabled
+    by_id = {m["id"]: m for m in data["models"]}
+    for model_id in list(used):  # and the detectors of top-down models, transitively
+        while (detector := _roi(by_id.get(model_id)).get("detector")) and detector not in used:
+            used.add(detector)
+            model_id = detector
     data["models"] = [m for m in data["models"] if m["id"] in used]
+    if cameras is not None:  # the copies look where the first camera's fixed ROIs are
+        for model in data["models"]:
+            boxes = _roi(model).get("boxes")
+            if isinstance(boxes, dict) and first["id"] in boxes:
+                _roi(model)["boxes"] = {cam["id"]: boxes[first["id"]] for cam in enabled}
     return Config.model_validate(data, context={"cross_checked": True})
+
+
+def _roi(model: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``adapter.roi`` mapping of a dumped model config (empty when it has none)."""
+    adapter = (model or {}).get("adapter")
+    roi = adapter.get("roi") if isinstance(adapter, dict) else None
+    return roi if isinstance(roi, dict) else {}
 
 
 # --- machine info ---------------------------------------------------------------------

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 from service.bench import LatencyRecorder, bench_config, run_bench
 from service.cli import app
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, load_config
 from tests.api.conftest import _rows
 from tests.inference.onnx_factory import build_model
+from tests.test_app import MOVENET_CONFIG, needs_movenet
 
 
 @pytest.fixture
@@ -66,6 +67,34 @@ def test_bench_config_gives_each_copy_its_own_copy_of_the_first_cameras_line(
     ]
     assert all(ln.rules[0].name == "fresh" for ln in cfg.lines)
     assert cfg.store.url == "sqlite://"  # the bench's events never touch the real store
+
+
+@needs_movenet
+def test_bench_copies_look_where_the_first_camera_looks(tmp_path: Path) -> None:
+    path = tmp_path / "movenet.yaml"
+    path.write_text(MOVENET_CONFIG)
+    cfg = bench_config(load_config(path, env={}), cameras=3)
+    roi = cfg.models[0].adapter.resolved().roi
+    first = [[120.0, 20.0, 360.0, 260.0]]
+    assert isinstance(roi.boxes, dict)
+    assert {k: [list(b) for b in v] for k, v in roi.boxes.items()} == {
+        f"bench-{i}": first for i in (1, 2, 3)
+    }
+
+
+@needs_movenet
+def test_bench_keeps_the_detector_of_a_top_down_model(tmp_path: Path) -> None:
+    detector = build_model(tmp_path / "people.onnx", _rows(1))
+    text = MOVENET_CONFIG.replace(
+        "      roi:\n        boxes:\n          cam-a: [[120, 20, 360, 260]]\n"
+        "          cam-b: [[0, 0, 240, 135], [240, 135, 479, 269]]\n",
+        "      roi: {detector: people}\n",
+    ).replace("models:\n", f"models:\n  - {{id: people, path: {detector}}}\n", 1)
+    assert "detector: people" in text and "id: people" in text
+    path = tmp_path / "chain.yaml"
+    path.write_text(text)
+    cfg = bench_config(load_config(path, env={}), cameras=2)
+    assert sorted(m.id for m in cfg.models) == ["movenet", "people"]
 
 
 def test_bench_config_needs_a_camera(config_file: Path) -> None:
