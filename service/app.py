@@ -226,7 +226,8 @@ def camera_stages(
     """Tracker, pose estimator (when calibrated) and line engine of one camera."""
     homography = Homography.from_config(cam.calibration) if cam.calibration else None
     pose = (
-        PoseEstimator(part_templates(classes, metadata), cam.tracker.keypoint_thresh)
+        PoseEstimator(part_templates(classes, metadata), cam.tracker.keypoint_thresh,
+                      smoothing=cam.pose_filter)
         if homography is not None
         else None
     )

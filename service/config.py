@@ -48,6 +48,7 @@ from pydantic import (
 
 from service.errors import ConfigError
 from service.geometry.calibration import CalibrationConfig
+from service.geometry.pose_filter import PoseFilterConfig
 from service.inference.adapter_config import AdapterSpec, AutoSpec, tag_adapter
 from service.inference.config import GpuConfig
 from service.rules.config import LineConfig
@@ -203,6 +204,10 @@ class CameraConfig(_Section):
     )
     tracker: TrackerConfig = Field(
         default_factory=TrackerConfig, description="the camera's multi-object tracker"
+    )
+    pose_filter: PoseFilterConfig = Field(
+        default_factory=PoseFilterConfig,
+        description="per-track orientation filter of rigid part poses (calibrated cameras)",
     )
 
     @field_validator("calibration")

@@ -492,6 +492,32 @@ def test_lines_calibration_and_tracker_load(write_config: WriteConfig) -> None:
     assert load_config(path, env={}).camera("cam-1").line == "belt-a"
 
 
+def test_a_cameras_pose_filter_loads_reaches_its_stages_and_is_checked(
+    write_config: WriteConfig,
+) -> None:
+    from service.app import camera_stages
+
+    text = """
+        models: [{id: parts, path: m.onnx}]
+        cameras:
+          - id: cam-1
+            source: "sim://conveyor?seed=1"
+            calibration:
+              points: [[0, 0, 0, 0], [100, 0, 50, 0], [100, 100, 50, 50], [0, 100, 0, 50]]
+            pose_filter: {drift_deg: 0.1, max_residual_mm: null}
+    """
+    cam = load_config(write_config(text), env={}).camera("cam-1")
+    assert cam.pose_filter.drift_deg == 0.1 and cam.pose_filter.max_residual_mm is None
+    stages = camera_stages(cam, [], {}, None)
+    assert stages.pose is not None and stages.pose.smoothing == cam.pose_filter
+    default = load_config(write_config(text.replace(
+        "            pose_filter: {drift_deg: 0.1, max_residual_mm: null}\n", "")), env={})
+    assert default.camera("cam-1").pose_filter.max_residual_mm == 3.0
+    bad = write_config(text.replace("drift_deg: 0.1", "drift: 0.1"))
+    errors = _errors(bad)
+    assert len(errors) == 1 and errors[0].startswith(f"{bad}:7: cameras[0].pose_filter.drift:")
+
+
 def test_rule_and_line_cameras_must_exist_and_feed_the_line(write_config: WriteConfig) -> None:
     path = write_config("""
         models: [{id: parts, path: m.onnx}]
