@@ -30,6 +30,25 @@ app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
 
+# Options several commands share.
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
+]
+MqttConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config with bus.url: mqtt://host:1883."),
+]
+HostOption = Annotated[str | None, typer.Option(help="Listen address (default: api.host).")]
+PortOption = Annotated[
+    int | None, typer.Option(help="Listen port, 0 = any free (default: api.port).")
+]
+ProbeHostOption = Annotated[str | None, typer.Option(help="Probe address (default: api.host).")]
+ProbePortOption = Annotated[
+    int | None, typer.Option(help="Probe port, 0 = any free (default: api.port).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
 
 def friendly_errors(fn: F) -> F:
     """Turn a LineWatchError into a one-paragraph message and exit status 2."""
@@ -94,7 +113,7 @@ def model_inspect(
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="Which model entry of the config.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Print what LineWatch reads from a model: inputs, outputs, metadata, its adapter.
 
@@ -150,7 +169,7 @@ def model_eval(
         float | None,
         typer.Option(min=0.0, max=1.0, help="Minimum score (default: model metadata, else 0.5)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Score a model on held-out sim frames: recall, precision, keypoint error, latency."""
     import json
@@ -188,7 +207,7 @@ def config_default() -> None:
 @friendly_errors
 def config_check(
     file: Annotated[Path, typer.Argument(help="The YAML config file to check.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
     use_env: Annotated[
         bool,
         typer.Option("--env/--no-env", help="Apply LINEWATCH_* env overrides (as serve does)."),
@@ -243,14 +262,9 @@ def config_show(
 @app.command()
 @friendly_errors
 def serve(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Listen address (default: api.host).")] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Listen port, 0 = any free (default: api.port).")
-    ] = None,
+    config: ConfigOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
 ) -> None:
     """Run cameras, models and the API (REST, websocket, /metrics) until SIGTERM."""
     from service.app import serve as run_serve
@@ -261,16 +275,13 @@ def serve(
 @app.command()
 @friendly_errors
 def bench(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
-    ] = None,
+    config: ConfigOption = None,
     cameras: Annotated[
         int | None,
         typer.Option(min=1, help="Run N cameras (copies of the first one, other seeds)."),
     ] = None,
     seconds: Annotated[float, typer.Option(min=1.0, help="Measured run time.")] = 10.0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
+    json_out: JsonOption = False,
     compare: Annotated[
         str | None,
         typer.Option(help="Also time another runtime on the same model and clip: ultralytics."),
@@ -302,10 +313,7 @@ def bench(
 @app.command()
 @friendly_errors
 def soak(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
-    ] = None,
+    config: ConfigOption = None,
     seconds: Annotated[float, typer.Option(min=1.0, help="Measured run time.")] = 600.0,
     warmup: Annotated[
         float, typer.Option(min=0.0, help="Seconds before the RSS baseline is taken.")
@@ -314,7 +322,7 @@ def soak(
         float, typer.Option(min=0.1, help="Seconds between RSS samples.")
     ] = 10.0,
     port: Annotated[int, typer.Option(min=0, help="Server port (0: a free one).")] = 0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Run `linewatch serve` with a steady and a churning websocket client; is RSS flat?
 
@@ -342,10 +350,7 @@ def soak(
 @rules_app.command("eval")
 @friendly_errors
 def rules_eval(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config; default: the embedded default config."),
-    ] = None,
+    config: ConfigOption = None,
     scenario: Annotated[str, typer.Option(help="Sim scenario: conveyor | calm.")] = "conveyor",
     seed: Annotated[int, typer.Option(help="Sim seed (use one the model never saw).")] = 7001,
     seconds: Annotated[float, typer.Option(min=1.0, help="Simulated seconds.")] = 600.0,
@@ -360,7 +365,7 @@ def rules_eval(
         Path | None, typer.Option(help="ONNX model instead of the camera's configured one.")
     ] = None,
     threads: Annotated[int, typer.Option(min=0, help="ORT intra-op threads (0: config).")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run model, tracker, poses and rules on the sim in simulated time; score them
     against the sim's truth (events, states, counts, poses; docs/rules.md)."""
@@ -403,7 +408,7 @@ def calibrate(
         Path | None,
         typer.Option(help="YAML/JSON with camera_matrix and dist_coeffs (undistort first)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Compute a camera's homography (px -> work-plane mm) and its reprojection error."""
     import json
@@ -446,14 +451,9 @@ def calibrate(
 @app.command()
 @friendly_errors
 def worker(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config with bus.url: mqtt://host:1883."),
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Probe address (default: api.host).")] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Probe port, 0 = any free (default: api.port).")
-    ] = None,
+    config: MqttConfigOption = None,
+    host: ProbeHostOption = None,
+    port: ProbePortOption = None,
 ) -> None:
     """Run cameras and models and publish over MQTT (HTTP: /healthz, /readyz, /metrics only)."""
     from service.remote import run_worker
@@ -464,14 +464,9 @@ def worker(
 @app.command()
 @friendly_errors
 def api(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="YAML config with bus.url: mqtt://host:1883."),
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Listen address (default: api.host).")] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Listen port, 0 = any free (default: api.port).")
-    ] = None,
+    config: MqttConfigOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
 ) -> None:
     """Serve the REST and websocket API from the workers' MQTT messages until SIGTERM."""
     from service.remote import run_api
