@@ -40,16 +40,19 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
     )
 
 
-class Served:
-    """A ``linewatch serve`` process; ``stop()`` sends SIGTERM and returns the exit code."""
+class LineWatchProcess:
+    """A ``linewatch serve|worker|api`` process on a free port, logging to a file;
+    ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, config: Path | None, tmp_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, command: str, config: Path | None, tmp_path: Path,
+                 env: dict[str, str] | None = None, name: str | None = None) -> None:
         self.port = free_port()
+        self.name = name or f"{command}-{self.port}"
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"serve-{self.port}.log"
+        self.log_path = tmp_path / f"{self.name}.log"
         self._log = self.log_path.open("w")
-        args = ["serve", "--port", str(self.port), "--host", "127.0.0.1"]
+        args = [command, "--port", str(self.port), "--host", "127.0.0.1"]
         if config is not None:
             args += ["--config", str(config)]
         self.proc = subprocess.Popen(
@@ -63,19 +66,24 @@ class Served:
             self._log.flush()
         return self.log_path.read_text()
 
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.base + path, timeout=5)
+
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.base, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log}")
+                    raise AssertionError(
+                        f"{self.name} exited with {self.proc.returncode}:\n{self.log}"
+                    )
                 try:
                     if client.get("/readyz").status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
                 time.sleep(0.2)
-        raise AssertionError(f"serve not ready after {timeout} s:\n{self.log}")
+        raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.log}")
 
     def close_log(self) -> None:
         if not self._log.closed:
@@ -89,10 +97,26 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-                message = f"serve ignored SIGTERM for {timeout} s:\n{self.log}"
+                message = f"{self.name} ignored SIGTERM for {timeout} s:\n{self.log}"
                 raise AssertionError(message) from None
         self.close_log()
         return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL (no clean shutdown), then reap it."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.close_log()
+
+    def cleanup(self) -> None:
+        """Kill it if it still runs (a test's fixture teardown)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.close_log()
+
+
+Served = LineWatchProcess  # a ``linewatch serve`` process
 
 
 @pytest.fixture
@@ -104,13 +128,10 @@ def serve_factory(tmp_path: Path) -> Iterator[Any]:
         if config is not None:
             path = tmp_path / f"config-{len(started)}.yaml"
             path.write_text(yaml.safe_dump(config))
-        served = Served(path, tmp_path, env)
+        served = LineWatchProcess("serve", path, tmp_path, env)
         started.append(served)
         return served
 
     yield make
     for served in started:
-        if served.proc.poll() is None:
-            served.proc.kill()
-            served.proc.wait(10)
-        served.close_log()
+        served.cleanup()

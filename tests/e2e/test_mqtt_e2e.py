@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from websockets.asyncio.client import connect
 
 from tests.api.conftest import _rows
 from tests.bus.test_mqtt import MOSQUITTO, Listener, Mosquitto
-from tests.e2e.conftest import SHIPPED_MODEL, free_port, linewatch_command
+from tests.e2e.conftest import SHIPPED_MODEL, LineWatchProcess
 from tests.inference.onnx_factory import build_model
 
 pytestmark = [
@@ -37,77 +33,19 @@ STATES = {"RUNNING", "IDLE", "STOPPED", "JAMMED", "FAULT", "UNKNOWN"}
 LWT_BOUND_S = 5.0  # the broker sends a dead client's will as soon as its socket closes
 
 
-class Proc:
-    """A ``linewatch worker|api`` process on a free port, logging to a file."""
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[[str, dict[str, Any], str], LineWatchProcess]]:
+    started: list[LineWatchProcess] = []
 
-    def __init__(self, command: str, config: dict[str, Any], tmp_path: Path, name: str) -> None:
-        self.name = name
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+    def start(command: str, config: dict[str, Any], name: str) -> LineWatchProcess:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        self.log_path = tmp_path / f"{name}.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [*linewatch_command(), command, "--config", str(path), "--port", str(self.port),
-             "--host", "127.0.0.1"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ),
-        )
-
-    @property
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.base + path, timeout=5)
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log}")
-            try:
-                if self.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.log}")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"{self.name} ignored SIGTERM:\n{self.log}") from None
-        self._log.close()
-        return int(self.proc.returncode)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Callable[[str, dict[str, Any], str], Proc]]:
-    started: list[Proc] = []
-
-    def start(command: str, config: dict[str, Any], name: str) -> Proc:
-        started.append(Proc(command, config, tmp_path, name))
+        started.append(LineWatchProcess(command, path, tmp_path, name=name))
         return started[-1]
 
     yield start
     for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait(10)
-        if not p._log.closed:
-            p._log.close()
+        p.cleanup()
 
 
 @pytest.fixture
@@ -148,7 +86,7 @@ async def _frames_until(url: str, done: Callable[[list[dict[str, Any]]], bool],
     return got
 
 
-def cameras(api: Proc) -> dict[str, dict[str, Any]]:
+def cameras(api: LineWatchProcess) -> dict[str, dict[str, Any]]:
     response = api.get("/api/v1/cameras")
     assert response.status_code == 200, response.text
     return {c["id"]: c for c in response.json()}
@@ -253,12 +191,12 @@ def test_two_workers_one_api_and_a_killed_worker(broker: Mosquitto, model_path: 
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
     # a graceful stop: exit 0, cameras "stopped" (not the will); the API still serves
-    assert w2.terminate() == 0
+    assert w2.stop() == 0
     deadline = time.monotonic() + 10
     while cameras(api)["cam-b"]["state"] != "stopped":
         assert time.monotonic() < deadline, cameras(api)["cam-b"]
         time.sleep(0.05)
     assert cameras(api)["cam-b"]["reason"] == "worker w2 stopped"
     assert api.get("/healthz").status_code == 200
-    assert api.terminate() == 0
+    assert api.stop() == 0
     assert "Traceback" not in api.log + w2.log
