@@ -19,13 +19,14 @@ with every core, the plain loop a user would write.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
 import resource
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,6 +188,7 @@ def raw_model_fps(
     thread (its capacity without the pipeline); ``instances``/``threads`` override the
     model's own counts.
     """
+    from service.inference.gpu import DeviceRunner
     from service.inference.session import open_session
 
     model = loaded.model
@@ -199,28 +201,43 @@ def raw_model_fps(
                 for _ in range(instances or model.instances)]
     outputs = [o.name for o in sessions[0].get_outputs()]
     n = len(images)
-    chunk = n if model.info.dynamic_batch else (model.info.fixed_batch or 1)
-    parts = []
-    for start in range(0, n, chunk):
-        part = {}
-        for name, value in feeds.items():
-            piece = value[start : start + chunk]
-            if piece.shape[0] < chunk:
-                pad = np.zeros((chunk - piece.shape[0], *piece.shape[1:]), piece.dtype)
-                piece = np.concatenate([piece, pad])
-            part[name] = piece
-        parts.append(part)
-    for session in sessions:  # warm-up, as the service does
-        for part in parts:
-            session.run(outputs, part)
+    setup = model.device_setup
+    calls: list[Callable[[], object]]
+    if setup is not None:  # on a GPU: IO binding as the model runs (no CUDA graphs)
+        runners = [
+            DeviceRunner(s, model.name, "bound" if setup.io_binding else "plain",
+                         model.info.fixed_batch, setup.profile_max_batch, setup.device,
+                         setup.device_id)
+            for s in sessions
+        ]
+        calls = [functools.partial(runner.run, feeds, n) for runner in runners]
+    else:
+        chunk = n if model.info.dynamic_batch else (model.info.fixed_batch or 1)
+        parts = []
+        for start in range(0, n, chunk):
+            part = {}
+            for name, value in feeds.items():
+                piece = value[start : start + chunk]
+                if piece.shape[0] < chunk:
+                    pad = np.zeros((chunk - piece.shape[0], *piece.shape[1:]), piece.dtype)
+                    piece = np.concatenate([piece, pad])
+                part[name] = piece
+            parts.append(part)
+
+        def plain(session: Any) -> None:
+            for part in parts:
+                session.run(outputs, part)
+
+        calls = [functools.partial(plain, session) for session in sessions]
+    for call in calls:  # warm-up, as the service does
+        call()
     counts = [0] * len(sessions)
     t0 = time.perf_counter()
     deadline = t0 + seconds
 
     def loop(i: int) -> None:
         while True:
-            for part in parts:
-                sessions[i].run(outputs, part)
+            calls[i]()
             counts[i] += 1
             if time.perf_counter() >= deadline:
                 return

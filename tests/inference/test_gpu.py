@@ -355,6 +355,32 @@ def test_bench_session_takes_the_same_feeds(tmp_path: Path, fast_path_on_cpu: No
     np.testing.assert_allclose(out, model._run(feeds, 2)[0][0], rtol=1e-6)
 
 
+def test_bench_bare_loop_runs_through_the_device_runner(
+    tmp_path: Path, fast_path_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.app import LoadedModel
+    from service.bench import raw_model_fps
+    from service.config import ModelConfig
+    from service.inference import gpu as gpu_mod
+    from service.inference.runner import Predictor
+
+    path = float_pose_model(tmp_path / "f.onnx")
+    mod = ModelConfig(id="m", path=path, warmup_runs=0, providers=["cuda", "cpu"])
+    model = Predictor(path, inference_config(mod), name="m")
+    assert model.device_setup is not None and model.device_setup.io_binding
+    bound: list[int] = []
+    plain_run = gpu_mod.BoundRunner.run
+
+    def counting(self: Any, feeds: dict[str, np.ndarray]) -> Any:
+        bound.append(next(iter(feeds.values())).shape[0])
+        return plain_run(self, feeds)
+
+    monkeypatch.setattr(gpu_mod.BoundRunner, "run", counting)
+    result = raw_model_fps(LoadedModel(mod, model, ("cam",), 2), frames(2), 0.2)
+    assert result.fps > 0 and result.batch == 2
+    assert bound and set(bound) == {2}  # every bare run went through IO binding
+
+
 # --- on a GPU ---------------------------------------------------------------------------
 
 
