@@ -384,10 +384,12 @@ def ultralytics_preprocess(
 ) -> tuple[dict[str, np.ndarray], list[Transform]]:
     """Letterbox as Ultralytics does (bilinear, centred) and convert to the input tensor."""
     spec = info.input
-    fitted = [ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value)
-              for im in images]
-    batch = np.stack([f[0] for f in fitted])
-    return {spec.name: to_model_input(batch, spec, normalizer)}, [f[1] for f in fitted]
+    batch = np.empty((len(images), spec.height, spec.width, 3), np.uint8)
+    transforms = [
+        ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value, batch[i])[1]
+        for i, im in enumerate(images)
+    ]
+    return {spec.name: to_model_input(batch, spec, normalizer)}, transforms
 
 
 def adapter_by_kind(kind: str) -> type[Adapter]:

@@ -17,7 +17,7 @@ import numpy as np
 from service.domain import ImageArray
 from service.inference.adapter_config import InputOverride
 from service.inference.metadata import InputSpec, ModelInfo, dtype_of
-from service.inference.preprocess import Transform, to_layout
+from service.inference.preprocess import Transform, paste, to_layout
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,9 +70,11 @@ def to_model_input(
 
 
 def ultralytics_letterbox(
-    image: ImageArray, size: tuple[int, int], pad_value: int = 114
+    image: ImageArray, size: tuple[int, int], pad_value: int = 114,
+    out: ImageArray | None = None,
 ) -> tuple[ImageArray, Transform]:
-    """Ultralytics' LetterBox (auto=False, scaleup, center) and the matching Transform."""
+    """Ultralytics' LetterBox (auto=False, scaleup, center) and the matching Transform;
+    ``out`` (H, W, 3 uint8, e.g. a row of the batch) receives the result."""
     out_h, out_w = size
     h, w = image.shape[:2]
     r = min(out_h / h, out_w / w)
@@ -84,6 +86,5 @@ def ultralytics_letterbox(
         )
     dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top, left = round(dh - 0.1), round(dw - 0.1)
-    canvas = np.full((out_h, out_w, 3), pad_value, np.uint8)
-    canvas[top:top + new_h, left:left + new_w] = resized
+    canvas = paste(resized, (out_h, out_w), top, left, pad_value, out)
     return canvas, Transform(new_w / w, new_h / h, left, top, w, h)

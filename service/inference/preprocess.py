@@ -66,10 +66,30 @@ def _resize(image: ImageArray, width: int, height: int) -> ImageArray:
     return np.asarray(cv2.resize(image, (width, height), interpolation=interp), np.uint8)
 
 
+def paste(
+    image: ImageArray, size: tuple[int, int], top: int, left: int, pad_value: int,
+    out: ImageArray | None = None,
+) -> ImageArray:
+    """``image`` at (top, left) on a canvas of ``size`` = (H, W) filled with ``pad_value``;
+    written into ``out`` when given (e.g. a row of a batch: no copy to stack it after),
+    touching each pixel once."""
+    out_h, out_w = size
+    h, w = image.shape[:2]
+    canvas = np.empty((out_h, out_w, 3), np.uint8) if out is None else out
+    canvas[:top] = pad_value
+    canvas[top + h:] = pad_value
+    canvas[top:top + h, :left] = pad_value
+    canvas[top:top + h, left + w:] = pad_value
+    canvas[top:top + h, left:left + w] = image
+    return canvas
+
+
 def letterbox(
-    image: ImageArray, size: tuple[int, int], pad_value: int = 114
+    image: ImageArray, size: tuple[int, int], pad_value: int = 114,
+    out: ImageArray | None = None,
 ) -> tuple[ImageArray, Transform]:
-    """Resize keeping the aspect ratio to fit ``size`` = (H, W), pad the rest (centred)."""
+    """Resize keeping the aspect ratio to fit ``size`` = (H, W), pad the rest (centred);
+    ``out`` (H, W, 3 uint8) receives the result when given."""
     _check_image(image)
     out_h, out_w = size
     h, w = image.shape[:2]
@@ -79,29 +99,36 @@ def letterbox(
     resized = _resize(image, new_w, new_h)
     pad_x = (out_w - new_w) // 2
     pad_y = (out_h - new_h) // 2
-    if (new_w, new_h) == (out_w, out_h):
+    if (new_w, new_h) == (out_w, out_h) and out is None:
         canvas = np.ascontiguousarray(resized)
     else:
-        canvas = np.full((out_h, out_w, 3), pad_value, dtype=np.uint8)
-        canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized
+        canvas = paste(resized, size, pad_y, pad_x, pad_value, out)
     return canvas, Transform(new_w / w, new_h / h, pad_x, pad_y, w, h)
 
 
-def stretch(image: ImageArray, size: tuple[int, int]) -> tuple[ImageArray, Transform]:
-    """Resize to ``size`` = (H, W) ignoring the aspect ratio."""
+def stretch(
+    image: ImageArray, size: tuple[int, int], out: ImageArray | None = None
+) -> tuple[ImageArray, Transform]:
+    """Resize to ``size`` = (H, W) ignoring the aspect ratio (into ``out`` when given)."""
     _check_image(image)
     out_h, out_w = size
     h, w = image.shape[:2]
     resized = np.ascontiguousarray(_resize(image, out_w, out_h))
+    if out is not None:
+        out[...] = resized
+        resized = out
     return resized, Transform(out_w / w, out_h / h, 0, 0, w, h)
 
 
-def fit(image: ImageArray, spec: InputSpec) -> tuple[ImageArray, Transform]:
-    """Letterbox or stretch one BGR image to the model's input size, as the spec says."""
+def fit(
+    image: ImageArray, spec: InputSpec, out: ImageArray | None = None
+) -> tuple[ImageArray, Transform]:
+    """Letterbox or stretch one BGR image to the model's input size, as the spec says
+    (into ``out`` when given)."""
     size = (spec.height, spec.width)
     if spec.resize == "stretch":
-        return stretch(image, size)
-    return letterbox(image, size, spec.pad_value)
+        return stretch(image, size, out)
+    return letterbox(image, size, spec.pad_value, out)
 
 
 def to_layout(batch: ImageArray, spec: InputSpec) -> np.ndarray:
@@ -140,8 +167,6 @@ def make_batch(
     images: Sequence[ImageArray], spec: InputSpec
 ) -> tuple[np.ndarray, list[Transform]]:
     """Fit every image and stack them into one model input batch."""
-    fitted = [fit(image, spec) for image in images]
-    batch = np.stack([f[0] for f in fitted]) if fitted else np.zeros(
-        (0, spec.height, spec.width, 3), np.uint8
-    )
-    return to_layout(batch, spec), [f[1] for f in fitted]
+    batch = np.empty((len(images), spec.height, spec.width, 3), np.uint8)
+    transforms = [fit(image, spec, batch[i])[1] for i, image in enumerate(images)]
+    return to_layout(batch, spec), transforms

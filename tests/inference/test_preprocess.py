@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from service.inference.metadata import InputSpec
-from service.inference.preprocess import Transform, letterbox, make_batch, stretch, to_layout
+from service.inference.preprocess import (
+    Transform,
+    letterbox,
+    make_batch,
+    paste,
+    stretch,
+    to_layout,
+)
 
 
 def image_with_block(h: int, w: int, x0: int, y0: int, bw: int, bh: int) -> np.ndarray:
@@ -131,3 +138,27 @@ def test_nchw_float_conversion_equals_the_plain_numpy_chain(
     out = to_layout(batch, spec)
     assert out.dtype == np.dtype(dtype) and out.flags.c_contiguous
     np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("size", [(480, 640), (300, 200), (640, 640), (17, 640)])
+def test_letterbox_and_stretch_into_a_batch_row_equal_the_fresh_result(
+    size: tuple[int, int],
+) -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+    row = np.full((320, 320, 3), 7, np.uint8)  # stale content must not survive
+    for fn in (lambda out=None: letterbox(image, (320, 320), 114, out),
+               lambda out=None: stretch(image, (320, 320), out)):
+        fresh, t1 = fn()
+        row[...] = 7
+        into, t2 = fn(row)
+        assert into is row and t1 == t2
+        np.testing.assert_array_equal(row, fresh)
+
+
+def test_paste_fills_exactly_the_border_with_the_pad_value() -> None:
+    image = np.full((3, 4, 3), 200, np.uint8)
+    canvas = paste(image, (7, 9), 2, 3, 114, np.zeros((7, 9, 3), np.uint8))
+    inside = np.zeros((7, 9), bool)
+    inside[2:5, 3:7] = True
+    assert (canvas[inside] == 200).all() and (canvas[~inside] == 114).all()
