@@ -274,6 +274,8 @@ class MqttSettings:
     outgoing_frames: int = 32
     outgoing_limit: int = 10_000
     role: str = "worker"
+    # the broker keeps the session (subscriptions, QoS 1 messages missed while away)
+    persistent: bool = False
 
     @property
     def address(self) -> str:
@@ -298,12 +300,16 @@ class MqttSettings:
             client_id = f"linewatch-worker-{worker_id or mq.worker_id or default_worker_id()}"
         else:
             client_id = f"linewatch-api-{default_worker_id()}-{secrets.token_hex(3)}"
+        # An API with a client id of its own keeps its broker session: the events, states
+        # and camera statuses published while it restarts or is cut off wait for it.
+        persistent = role == "api" and bool(mq.client_id)
         return cls(
             host=host, port=port, tls=tls, client_id=client_id,
             topics=Topics(mq.topic_prefix), qos=mq.qos, username=mq.username,
             password=mq.password.get_secret_value() if mq.password else None,
             ca_file=mq.ca_file, keepalive_s=mq.keepalive_s, reconnect_max_s=mq.reconnect_max_s,
             outgoing_frames=mq.outgoing_frames, outgoing_limit=mq.outgoing_limit, role=role,
+            persistent=persistent,
         )
 
 
@@ -341,7 +347,7 @@ class MqttConnection:
         self._metric.set(0)
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-            protocol=paho.MQTTv311, clean_session=True,
+            protocol=paho.MQTTv311, clean_session=not settings.persistent,
         )
         client.reconnect_delay_set(1, max(1, int(settings.reconnect_max_s)))
         client.max_inflight_messages_set(MqttPublisher.RELIABLE_WINDOW)
@@ -382,7 +388,8 @@ class MqttConnection:
                 return
             self._started = True
         s = self.settings
-        log.info("MQTT %s: connecting to %s as %s", s.role, s.address, s.client_id)
+        log.info("MQTT %s: connecting to %s as %s%s", s.role, s.address, s.client_id,
+                 " (persistent session)" if s.persistent else "")
         self.client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
         self.client.loop_start()
 

@@ -636,6 +636,47 @@ def test_messages_reach_the_broker_with_their_qos_and_retention(
 
 
 @needs_broker
+@pytest.mark.parametrize("client_id", ["api-7", None])
+def test_an_api_with_its_own_client_id_gets_the_events_sent_while_it_was_away(
+    broker: Mosquitto, publishers: Publishers, client_id: str | None
+) -> None:
+    from service.remote import api_subscriptions
+
+    settings = settings_for(broker.url, role="api", client_id=client_id)
+    assert settings.persistent is (client_id is not None)
+    heard: queue.Queue[Msg | None] = queue.Queue()
+
+    def api_connection() -> MqttConnection:
+        connection = MqttConnection(
+            settings, on_message=lambda _topic, payload: heard.put(decode(payload)))
+        connection.on_connected(lambda: connection.subscribe(api_subscriptions(settings)))
+        connection.start()
+        wait_for(lambda: connection.subscribed, what="the API to subscribe")
+        return connection
+
+    api_connection().stop()  # subscribed once, then away (a restart, a network cut)
+    _, publisher = publishers(settings_for(broker.url))
+    publisher.publish(event(1))
+    publisher.publish(event(2))
+    assert publisher.flush(10)
+    back = api_connection()
+    try:
+        got = []
+        deadline = time.monotonic() + (10 if client_id else 2)
+        while time.monotonic() < deadline and len(got) < 2:
+            try:
+                message = heard.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if message is not None and message.get("type") == "event":
+                got.append(message["name"])
+    finally:
+        back.stop()
+    # a persistent session gets both, in order; a clean one never hears of them
+    assert got == ([event(1)["name"], event(2)["name"]] if client_id else [])
+
+
+@needs_broker
 def test_publish_never_blocks_without_a_broker_and_events_arrive_once_it_is_up(
     broker_factory, publishers: Publishers, listener_factory
 ) -> None:
