@@ -183,9 +183,15 @@ class Tracker:
         cfg = self.config
         velocity = tab.mean[ti, 4:6].copy()
         dt = t - tab.t_seen[ti]
-        tab.mean[ti], tab.cov[ti] = kalman.update(
-            tab.mean[ti], tab.cov[ti], kalman.xyxy_to_cxcywh(dets.boxes[di])
-        )
+        z = kalman.xyxy_to_cxcywh(dets.boxes[di])
+        # A track's second sighting: its velocity is the step between the two boxes (the
+        # filter's prior, zero, would lag a moving part for many frames).
+        second = (tab.hits[ti] == 1) & (dt > 0)
+        if second.any():
+            velocity[second] = (z[second, :2] - tab.centre_seen[ti[second]]) / dt[second, None]
+        tab.mean[ti], tab.cov[ti] = kalman.update(tab.mean[ti], tab.cov[ti], z)
+        if second.any():
+            tab.mean[ti[second], 4:6] = velocity[second]
         if tab.num_keypoints:
             raw = dets.keypoints[di].astype(np.float64)
             xy = raw[:, :, :2]

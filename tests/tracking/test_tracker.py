@@ -121,6 +121,22 @@ def test_velocity_in_px_per_second_matches_the_belt(sim_truths, detections_from_
     assert np.median(errors_arr[:, 1]) < 4.0
 
 
+def test_a_new_track_moves_with_its_part_from_the_second_frame() -> None:
+    # a part entering at 300 px/s (10 px a frame at 30 fps), keypoints on its box
+    tracker = Tracker(TrackerConfig(min_hits=2))
+    speed, fps = 300.0, 30.0
+    for k in range(4):
+        x = 20.0 + speed * k / fps
+        tracks = tracker.update(_dets([_box(x)], k=3), k / fps)
+        if k == 0:
+            continue
+        # from the second sighting on: the box velocity is the part's, and the smoothed
+        # keypoints sit on the part, not behind it (a zero start velocity lagged both)
+        assert tracks.velocity_px_s[0, 0] == pytest.approx(speed, rel=0.05), k
+        want = x + np.linspace(5, 35, 3)
+        np.testing.assert_allclose(tracks.detections.keypoints[0, :, 0], want, atol=1.0)
+
+
 def test_short_occlusion_keeps_the_id() -> None:
     tracker = Tracker(TrackerConfig(max_lost_s=1.0))
     ids_before = set()
