@@ -473,6 +473,8 @@ class RuntimeStatus:
                     dynamic_batch=info.dynamic_batch,
                     max_batch=loaded.max_batch,
                     cameras=list(loaded.cameras),
+                    instances=loaded.model.instances,
+                    threads=loaded.model.intra_op_threads,
                     acceleration=loaded.model.acceleration,
                 )
             )

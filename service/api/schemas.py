@@ -58,6 +58,12 @@ class ModelSnapshot(_Snapshot):
     dynamic_batch: bool
     max_batch: int
     cameras: list[str]
+    instances: int = Field(
+        default=1, description="Sessions of the model running batches side by side."
+    )
+    threads: int | None = Field(
+        default=None, description="ONNX Runtime intra-op threads of each session (CPU)."
+    )
     acceleration: dict[str, Any] | None = Field(
         default=None,
         description="The GPU fast path as it runs (io_binding, fp16, cuda_graphs, uint8 input "

@@ -134,6 +134,7 @@ def test_models_describe_classes_keypoints_inputs(client) -> None:
     ]
     assert model["imgsz"] == [240, 320] and model["cameras"] == ["cam-1", "cam-2"]
     assert model["acceleration"] is None  # the CPU runs it: no GPU fast path
+    assert model["instances"] == 1 and model["threads"] >= 1  # a light model: one session
     assert c.get("/api/v1/models/tiny").json() == model
 
 
