@@ -54,6 +54,7 @@ from service.sources import Backoff, Camera, SourceOptions, mask_credentials
 from service.sources.replay import ReplaySource
 from service.sources.spec import open_source
 from service.store import EventStore
+from service.telemetry.memory import keep_frames_out_of_the_heap
 from service.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -583,6 +584,7 @@ def serve(config_path: Path | None, host: str | None = None, port: int | None = 
 
     config = load_config(config_path)
     setup_logging(config.logging.level, config.logging.json_)
+    keep_frames_out_of_the_heap()
     host = host or config.api.host
     sock = bind_socket(host, config.api.port if port is None else port)
     runtime: Runtime | None = None

@@ -248,9 +248,11 @@ def run_worker(config_path: Path | None, host: str | None = None, port: int | No
     from service.api.ws import WebsocketClients
     from service.app import Runtime, setup_logging
     from service.config import load_config
+    from service.telemetry.memory import keep_frames_out_of_the_heap
 
     config = load_config(config_path)
     setup_logging(config.logging.level, config.logging.json_)
+    keep_frames_out_of_the_heap()
     worker_id = config.bus.mqtt.worker_id or default_worker_id()
     settings = MqttSettings.from_config(config.bus, role="worker", worker_id=worker_id)
     roster = worker_roster(config)
