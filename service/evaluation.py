@@ -295,7 +295,7 @@ def evaluate_model(
         raise LineWatchError("frames and every must be >= 1 and start >= 0.")
     config = InferenceConfig(
         providers=providers, intra_op_threads=threads, inter_op_threads=1,
-        score_threshold=score_threshold,
+        score_threshold=score_threshold, instances=1,  # one frame at a time
     )
     model = OrtModel(model_path, config, name="eval")
     try:

@@ -366,7 +366,7 @@ def run_eval(
     fps = float(fps or params.get("fps") or cam.fps or 15.0)
     width = int(params.get("width", cam.width or 640))
     height = int(params.get("height", cam.height or 480))
-    opts = inference_config(mod)
+    opts = inference_config(mod).model_copy(update={"instances": 1})  # one frame at a time
     if threads:
         opts = opts.model_copy(update={"intra_op_threads": threads})
     model = OrtModel(model_path or mod.path, opts, name=mod.id)
