@@ -39,6 +39,7 @@ from service.app import LoadedModel, Runtime, inference_config
 from service.config import Config, load_config
 from service.domain import ImageArray
 from service.errors import ConfigError, LineWatchError
+from service.inference.session import usable_cores
 from service.pipeline import Message
 from service.sources.replay import ReplaySource
 
@@ -156,7 +157,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "usable_cpus": usable_cores(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -189,7 +190,7 @@ def raw_model_fps(
     model's own counts.
     """
     from service.inference.gpu import DeviceRunner
-    from service.inference.session import open_session
+    from service.inference.session import open_session, run_in_batches
 
     model = loaded.model
     feeds, _ = model.adapter.preprocess(list(images))
@@ -211,24 +212,9 @@ def raw_model_fps(
             for s in sessions
         ]
         calls = [functools.partial(runner.run, feeds, n) for runner in runners]
-    else:
-        chunk = n if model.info.dynamic_batch else (model.info.fixed_batch or 1)
-        parts = []
-        for start in range(0, n, chunk):
-            part = {}
-            for name, value in feeds.items():
-                piece = value[start : start + chunk]
-                if piece.shape[0] < chunk:
-                    pad = np.zeros((chunk - piece.shape[0], *piece.shape[1:]), piece.dtype)
-                    piece = np.concatenate([piece, pad])
-                part[name] = piece
-            parts.append(part)
-
-        def plain(session: Any) -> None:
-            for part in parts:
-                session.run(outputs, part)
-
-        calls = [functools.partial(plain, session) for session in sessions]
+    else:  # session.run in the model's own chunks, as OrtModel runs it
+        calls = [functools.partial(run_in_batches, session, outputs, feeds, n, model.info,
+                                   model.name) for session in sessions]
     for call in calls:  # warm-up, as the service does
         call()
     counts = [0] * len(sessions)
@@ -345,10 +331,9 @@ def run_bench(
     )
     single: RawResult | None = None
     if loaded.model.instances > 1:  # the plain alternative: one session on every core
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         single = raw_model_fps(
             loaded, images, raw_s / 2, instances=1,
-            threads={"intra_op_threads": usable, "spin_wait": True},
+            threads={"intra_op_threads": usable_cores(), "spin_wait": True},
         )
     capture_ms = [r.capture_ms_per_frame for r in replays if r.capture_ms_per_frame is not None]
     fps = recorder.frames / elapsed

@@ -112,9 +112,17 @@ HEAVY_MODEL_MS = 15.0  # per image: above it a model gets every core (intra_op_t
 AUTO_INSTANCES = 2  # sessions of a heavy CPU model with ``instances: auto``
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; at least 1)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def auto_intra_op_threads() -> int:
     """Threads for ``intra_op_threads: 0``: every usable core but one (at least one),
-    or every core for a heavy model (:meth:`OrtModel._all_cores_if_heavy`).
+    or, for a heavy model, every core split between its instances
+    (:meth:`OrtModel._fit_to_cores`).
 
     The spare core runs what the model thread does not: capture and decoding,
     preprocessing the next batch, and the stages (tracking, poses, rules, messages)
@@ -122,8 +130,7 @@ def auto_intra_op_threads() -> int:
     machine one model thread plus that core outruns two model threads competing
     with them (docs/benchmarks.md).
     """
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (usable or 1) - 1)
+    return max(1, usable_cores() - 1)
 
 
 def _session_options(config: InferenceConfig) -> Any:
@@ -462,7 +469,7 @@ class OrtModel:
         return (
             self.instances == 1
             and self.provider == CPU
-            and self.intra_op_threads >= auto_intra_op_threads() + 1
+            and self.intra_op_threads >= usable_cores()
         )
 
     def _fit_to_cores(self) -> None:
@@ -479,7 +486,7 @@ class OrtModel:
         operators (without spinning, waking them for each of a few hundred operators
         costs YOLO11n-pose at 640 about 15 % on 2 cores).  An explicit count is kept.
         """
-        usable = auto_intra_op_threads() + 1
+        usable = usable_cores()
         fastest = self.warmup_ms_per_image
         heavy = (
             self.config.intra_op_threads == 0
