@@ -29,11 +29,12 @@ COPY models ./models
 # extra asks for nvidia-cuda-runtime~=13.0, nvidia-cudnn-cu13~=9.0); the base image
 # provides those libraries, so the extras are not installed.
 ARG ONNXRUNTIME_GPU_VERSION=1.31.1
-# The runtime only: no [train] extra (torch), no [test] extra. Every dependency is a binary
+# The runtime and OpenVINO (providers: [openvino, cpu] on Intel hosts without a GPU); no
+# [train] extra (torch), no [test] extra. Every dependency is a binary
 # wheel, so no compiler is needed. The build fails if torch crept in or if the installed
 # onnxruntime lacks the CUDA provider (e.g. the CPU package shadowing the GPU one).
 RUN /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install . "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+    && /opt/venv/bin/pip install ".[openvino]" "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
     && /opt/venv/bin/python -c "import onnxruntime as ort, service.cli; assert 'CUDAExecutionProvider' in ort.get_available_providers(), ort.get_available_providers()" \
     && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 

@@ -17,9 +17,9 @@ $(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e .
 	touch $@
 
-# runtime + tests + training workspace (torch CPU build, pinned)
+# runtime + OpenVINO + tests + training workspace (torch CPU build, pinned)
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[test,train]'
+	$(PIP) install -q -e '.[test,train,openvino]'
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

@@ -121,6 +121,7 @@ def inference_config(mod: ModelConfig) -> InferenceConfig:
         max_detections=mod.max_detections,
         max_batch=mod.max_batch,
         gpu=gpu,
+        openvino=mod.openvino,
     )
 
 

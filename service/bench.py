@@ -14,7 +14,9 @@ the mean reported, so that a load that changes during the run weighs on both).
 ``overhead_ratio = raw_model_fps / fps`` is what the pipeline costs on top of the
 model (1.0 = nothing).  A model with several instances (``instances``) loops as that
 many sessions side by side; ``single_session_fps`` is then also timed: one session
-with every core, the plain loop a user would write.
+with every core, the plain loop a user would write.  A model on OpenVINO
+(``providers: [openvino, ...]``) is also looped on ONNX Runtime's CPU provider with the
+same instances and threads: ``onnxruntime_raw_fps``, and ``fps_vs_onnxruntime_raw``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from service.app import LoadedModel, Runtime, inference_config
 from service.config import Config, load_config
 from service.domain import ImageArray
 from service.errors import ConfigError, LineWatchError
-from service.inference.session import usable_cores
+from service.inference.openvino import OPENVINO
+from service.inference.session import CPU, usable_cores
 from service.pipeline import Message
 from service.sources.replay import ReplaySource
 
@@ -147,6 +150,7 @@ def machine_info() -> dict[str, Any]:
     import psutil
 
     cpu = platform.processor() or platform.machine()
+    text = ""
     try:
         text = Path("/proc/cpuinfo").read_text()
         match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
@@ -162,7 +166,30 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
+        "openvino": _version("openvino"),
+        "cpu_flags": _cpu_flags(text),
     }
+
+
+def _version(package: str) -> str | None:
+    """An installed package's version, without importing it (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_flags(cpuinfo: str) -> list[str]:
+    """The CPU's vector and matrix extensions that decide CPU inference speed (AVX2,
+    AVX-512, VNNI, BF16, AMX): one machine's bf16 figure means nothing on a CPU without
+    them."""
+    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    flags = set(match.group(1).split()) if match else set()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_bf16", "amx_int8", "amx_fp16")
+    return [f for f in wanted if f in flags]
 
 
 # --- the bare loop ----------------------------------------------------------------------
@@ -200,7 +227,7 @@ def raw_model_fps(
     config = inference_config(loaded.config).model_copy(update=threads)
     sessions = [open_session(model.path, config)[0]
                 for _ in range(instances or model.instances)]
-    outputs = [o.name for o in sessions[0].get_outputs()]
+    outputs = [t.name for t in model.info.outputs]
     n = len(images)
     setup = model.device_setup
     calls: list[Callable[[], object]]
@@ -335,6 +362,13 @@ def run_bench(
             loaded, images, raw_s / 2, instances=1,
             threads={"intra_op_threads": usable_cores(), "spin_wait": True},
         )
+    on_ort: RawResult | None = None
+    if loaded.model.provider == OPENVINO:  # the same loop on ONNX Runtime, to compare with
+        on_ort = raw_model_fps(
+            loaded, images, raw_s / 2,
+            threads={"providers": [CPU], "intra_op_threads": loaded.model.intra_op_threads,
+                     "spin_wait": loaded.model.spin_wait},
+        )
     capture_ms = [r.capture_ms_per_frame for r in replays if r.capture_ms_per_frame is not None]
     fps = recorder.frames / elapsed
     compared = _compare_ultralytics(config, loaded, seconds) if compare else {}
@@ -355,6 +389,9 @@ def run_bench(
         "batch": raw.batch,
         "instances": loaded.model.instances,
         **({"single_session_fps": round(single.fps, 2)} if single is not None else {}),
+        **({"precision": (loaded.model.acceleration or {}).get("precision"),
+            "onnxruntime_raw_fps": round(on_ort.fps, 2),
+            "fps_vs_onnxruntime_raw": round(fps / on_ort.fps, 3)} if on_ort is not None else {}),
         "threads": {
             "intra_op": loaded.model.intra_op_threads,
             "inter_op": loaded.config.inter_op_threads,

@@ -50,7 +50,7 @@ from service.errors import ConfigError
 from service.geometry.calibration import CalibrationConfig
 from service.geometry.pose_filter import PoseFilterConfig
 from service.inference.adapter_config import AdapterSpec, AutoSpec, tag_adapter
-from service.inference.config import GpuConfig
+from service.inference.config import GpuConfig, OpenVinoConfig
 from service.rules.config import LineConfig
 from service.tracking.config import TrackerConfig
 
@@ -73,12 +73,13 @@ ORT_PROVIDERS: dict[str, str] = {
     "cuda": "CUDAExecutionProvider",
     "rocm": "ROCMExecutionProvider",
     "migraphx": "MIGraphXExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
+    "openvino": "OpenVINO",  # OpenVINO's own CPU runtime (service/inference/openvino.py)
     "directml": "DmlExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-"""Config provider names -> ONNX Runtime execution provider names."""
+"""Config provider names -> ONNX Runtime execution provider names (openvino: LineWatch's
+OpenVINO runtime, which replaces ONNX Runtime for the model)."""
 
 ProviderName = Literal[
     "tensorrt", "cuda", "rocm", "migraphx", "openvino", "directml", "coreml", "cpu"
@@ -136,6 +137,11 @@ def _normalize_providers(value: Any) -> Any:
         )
     if len(set(names)) != len(names):
         raise ValueError(f"providers lists a provider twice: {names}")
+    if "openvino" in names[1:]:
+        raise ValueError(
+            "openvino replaces ONNX Runtime for the model, so it can only come first "
+            f"(e.g. [openvino, cpu]: ONNX Runtime's CPU if OpenVINO cannot run it); got {names}"
+        )
     return names
 
 
@@ -260,6 +266,11 @@ class ModelConfig(_Section):
         default_factory=GpuConfig,
         description="the GPU fast path on TensorRT/CUDA: fp16, engine cache, IO binding, "
         "CUDA graphs (docs/models.md, GPU)",
+    )
+    openvino: OpenVinoConfig = Field(
+        default_factory=OpenVinoConfig,
+        description="OpenVINO's CPU runtime (providers: [openvino, cpu]): precision f32 or "
+        "bf16 (docs/models.md, OpenVINO)",
     )
 
     @field_validator("id")

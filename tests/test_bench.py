@@ -147,6 +147,22 @@ def test_a_bench_of_a_model_with_two_instances(config_file: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_bench_on_openvino_also_loops_onnxruntime(config_file: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    data = yaml.safe_load(config_file.read_text())
+    data["models"][0]["providers"] = ["openvino", "cpu"]
+    config_file.write_text(yaml.safe_dump(data))
+    result = run_bench(config_file, seconds=1.0, warmup_s=0.3, raw_seconds=0.4)
+    assert result["provider"] == "OpenVINO" and result["precision"] == "f32"
+    assert result["frames"] >= 5 and result["raw_model_fps"] > 0
+    assert result["onnxruntime_raw_fps"] > 0
+    assert result["fps_vs_onnxruntime_raw"] == pytest.approx(
+        result["fps"] / result["onnxruntime_raw_fps"], rel=0.01
+    )
+    assert result["machine"]["openvino"]
+
+
+@pytest.mark.slow
 def test_a_live_bench_reads_the_sources_during_the_run(config_file: Path) -> None:
     result = run_bench(config_file, seconds=1.0, warmup_s=0.3, raw_seconds=0.3, replay_frames=0)
     assert result["sources"] == "live" and result["capture_ms_per_frame"] is None

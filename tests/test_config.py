@@ -683,3 +683,34 @@ def test_forced_adapter_is_checked_against_the_file(write_config: WriteConfig) -
     assert error.startswith(f"{path}:1: models[0].adapter: Model ")
     assert "does not fit the configured adapter 'ultralytics'" in error
     assert check_config(path, env={}, check_files=False).ok  # the file is not read then
+
+
+def test_openvino_settings_are_checked_with_their_lines(write_config: WriteConfig) -> None:
+    path = write_config("""
+        models:
+          - id: a
+            path: m.onnx
+            providers: [cpu, openvino]
+          - id: b
+            path: m.onnx
+            providers: [openvino, cpu]
+            openvino: {precision: int4}
+    """)
+    errors = _errors(path)
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"{path}:4: models[0].providers:")
+    assert "openvino replaces ONNX Runtime" in errors[0] and "can only come first" in errors[0]
+    assert errors[1].startswith(f"{path}:8: models[1].openvino.precision:")
+    assert "'f32', 'bf16' or 'f16'" in errors[1]
+
+
+def test_openvino_settings_reach_the_inference_config(write_config: WriteConfig) -> None:
+    from service.app import inference_config
+
+    path = write_config("""
+        models:
+          - {id: a, path: m.onnx, providers: [openvino, cpu], openvino: {precision: bf16}}
+    """)
+    config = inference_config(load_config(path, env={}).models[0])
+    assert config.providers == ["OpenVINO", "CPUExecutionProvider"]
+    assert config.openvino.precision == "bf16"

@@ -62,12 +62,14 @@ class ModelSnapshot(_Snapshot):
         default=1, description="Sessions of the model running batches side by side."
     )
     threads: int | None = Field(
-        default=None, description="ONNX Runtime intra-op threads of each session (CPU)."
+        default=None,
+        description="Intra-op threads of each session (CPU: ONNX Runtime or OpenVINO).",
     )
     acceleration: dict[str, Any] | None = Field(
         default=None,
         description="The GPU fast path as it runs (io_binding, fp16, cuda_graphs, uint8 input "
-        "on the device, engine cache); null on the CPU.",
+        "on the device, engine cache), or on OpenVINO its precision (f32, bf16); null on "
+        "ONNX Runtime's CPU provider.",
     )
 
 

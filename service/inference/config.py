@@ -16,6 +16,7 @@ PROVIDER_ALIASES = {
     "trt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
+    "openvino": "OpenVINO",
 }
 
 
@@ -65,6 +66,19 @@ class GpuConfig(BaseModel):
         return self
 
 
+class OpenVinoConfig(BaseModel):
+    """The OpenVINO CPU runtime (``providers: [openvino, cpu]``); ignored otherwise."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    precision: Literal["f32", "bf16", "f16"] = Field(
+        default="f32", description="Inference precision on the CPU. f32: the same results as "
+        "ONNX Runtime. bf16: several times faster on CPUs with AMX or AVX512-BF16 (Xeon 4th "
+        "generation and later), keypoints move by hundredths of a pixel (docs/models.md); "
+        "where the CPU lacks it OpenVINO runs f32 and the log says so."
+    )
+
+
 class InferenceConfig(BaseModel):
     """How to run a model: providers, threads, warm-up, thresholds."""
 
@@ -73,7 +87,9 @@ class InferenceConfig(BaseModel):
     providers: str | list[str] = Field(
         default="auto",
         description="'auto' (TensorRT, then CUDA, when they load; else CPU) or an explicit "
-        "list in priority order: tensorrt, cuda, cpu or full ONNX Runtime provider names.",
+        "list in priority order: tensorrt, cuda, cpu or full ONNX Runtime provider names; "
+        "or openvino first (OpenVINO's CPU runtime instead of ONNX Runtime, e.g. "
+        "[openvino, cpu]: ONNX Runtime's CPU when OpenVINO cannot run the model).",
     )
     intra_op_threads: int = Field(
         default=0, ge=0,
@@ -109,6 +125,9 @@ class InferenceConfig(BaseModel):
         "run in chunks of this size)."
     )
     gpu: GpuConfig = Field(default_factory=GpuConfig, description="The GPU fast path.")
+    openvino: OpenVinoConfig = Field(
+        default_factory=OpenVinoConfig, description="The OpenVINO CPU runtime."
+    )
 
     @field_validator("providers")
     @classmethod

@@ -36,6 +36,7 @@ from service.inference.adapters import Adapter, configured_adapter
 from service.inference.config import PROVIDER_ALIASES, GpuConfig, InferenceConfig
 from service.inference.gpu import DeviceRunner, run_chunks
 from service.inference.metadata import ModelInfo, model_info_from_session, read_model_info
+from service.inference.openvino import OPENVINO, OpenVinoSession
 from service.inference.preprocess import Transform
 from service.telemetry import metrics
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 CPU = "CPUExecutionProvider"
+CPU_RUNTIMES = (CPU, OPENVINO)  # the providers that run on the CPU's cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,12 @@ def resolve_providers(
     names = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
     if not names:
         raise ModelError("The model's provider list is empty; use 'auto' or name at least one.")
-    missing = [p for p in names if p not in available]
+    if OPENVINO in names[1:]:
+        raise ModelError(
+            "openvino replaces ONNX Runtime for the model, so it can only come first in the "
+            f"provider list (e.g. [openvino, cpu]); got [{', '.join(requested)}]."
+        )
+    missing = [p for p in names if p not in available and p != OPENVINO]
     if missing:
         raise ModelError(
             f"Execution provider(s) {', '.join(missing)} are not in this ONNX Runtime build; "
@@ -265,11 +272,40 @@ def open_model_session(
     requested = resolve_providers(config.providers, ort.get_available_providers(), gpu)
     if config.providers == "auto" and not gpu:
         log.debug("no NVIDIA driver found: skipping GPU execution providers")
+    if requested[0] == OPENVINO:
+        try:
+            session = open_openvino(path, config)
+        except ModelError as exc:
+            if len(requested) == 1:
+                raise
+            log.warning("model %s: OpenVINO cannot run it (%s); falling back to %s",
+                        path, exc, ", ".join(requested[1:]))
+            config = config.model_copy(update={"providers": requested[1:]})
+            return open_model_session(path, config, cuda_graphs=cuda_graphs)[0], requested, None
+        return session, requested, None
     device = _device_for(requested[0], gpu)
     if device is None:
         session = _create_session(str(path), _session_options(config), requested, path)
         return session, requested, None
     return _open_on_device(path, config, requested, device, cuda_graphs)
+
+
+def open_openvino(path: Path, config: InferenceConfig) -> OpenVinoSession:
+    """The model compiled by OpenVINO for the CPU (``providers: [openvino, ...]``)."""
+    session = OpenVinoSession(path, precision=config.openvino.precision,
+                              threads=config.intra_op_threads or auto_intra_op_threads())
+    if session.precision != session.requested_precision:
+        log.warning("model %s: OpenVINO runs %s, not the %s asked for (this CPU lacks it)",
+                    path, session.precision, session.requested_precision)
+    log.debug("model %s: %s, compiled in %.2f s", path, session.describe(), session.compile_s)
+    return session
+
+
+def session_model_info(path: Path, session: Any) -> ModelInfo:
+    """The model's tensors and metadata from its session (either runtime)."""
+    if isinstance(session, OpenVinoSession):
+        return session.model_info
+    return model_info_from_session(path, session)
 
 
 def _open_on_device(
@@ -426,7 +462,7 @@ class OrtModel:
         self._check_provider(requested)
         self.info: ModelInfo
         self.info, normalizer, choice = configured_adapter(
-            model_info_from_session(self.path, self._session), self.settings
+            session_model_info(self.path, self._session), self.settings
         )
         check_cuda_graphs(self.info, self.config.gpu, self.name)
         self.adapter: Adapter = choice.adapter(
@@ -453,9 +489,11 @@ class OrtModel:
             self.info.input.width, self.info.input.height, self.info.input.layout,
             self.info.input.dtype,
             "dynamic" if self.info.dynamic_batch else f"fixed {self.info.fixed_batch}",
-            f"; GPU: {self.device_setup.describe()}" if self.device_setup else "",
+            f"; GPU: {self.device_setup.describe()}" if self.device_setup
+            else f"; {self._session.describe()}" if isinstance(self._session, OpenVinoSession)
+            else "",
         )
-        for p in (*GPU_PROVIDERS, CPU):
+        for p in (*GPU_PROVIDERS, *CPU_RUNTIMES):
             metrics.PROVIDER.labels(self.name, p).set(1.0 if p == self.provider else 0.0)
         metrics.MODEL_LOADED.labels(self.name).set(1.0)
 
@@ -468,7 +506,7 @@ class OrtModel:
         for the pipeline's other threads to overlap it)."""
         return (
             self.instances == 1
-            and self.provider == CPU
+            and self.provider in CPU_RUNTIMES
             and self.intra_op_threads >= usable_cores()
         )
 
@@ -490,7 +528,7 @@ class OrtModel:
         fastest = self.warmup_ms_per_image
         heavy = (
             self.config.intra_op_threads == 0
-            and self.provider == CPU
+            and self.provider in CPU_RUNTIMES
             and self.device_setup is None
             and usable >= 2
             and fastest != float("inf")
@@ -507,7 +545,7 @@ class OrtModel:
                 self._reopen(usable, spin=True)
             return
         threads, spin = self.intra_op_threads, self.spin_wait
-        if self.config.intra_op_threads == 0 and self.provider == CPU:
+        if self.config.intra_op_threads == 0 and self.provider in CPU_RUNTIMES:
             threads, spin = max(1, usable // count), False
         log.info(
             "model %s: %d instances of %d thread(s) each%s", self.name, count, threads,
@@ -553,7 +591,11 @@ class OrtModel:
 
     @property
     def acceleration(self) -> dict[str, Any] | None:
-        """The GPU fast path's settings as they run (None on the CPU), for the API."""
+        """The GPU fast path's settings as they run, or OpenVINO's precision (None on
+        ONNX Runtime's CPU), for the API."""
+        if isinstance(self._session, OpenVinoSession):
+            return {"provider": OPENVINO, "precision": self._session.precision,
+                    "requested_precision": self._session.requested_precision}
         return None if self.device_setup is None else self.device_setup.to_dict()
 
     @property
