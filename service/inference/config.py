@@ -71,11 +71,13 @@ class OpenVinoConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    precision: Literal["f32", "bf16", "f16"] = Field(
+    precision: Literal["f32", "bf16"] = Field(
         default="f32", description="Inference precision on the CPU. f32: the same results as "
         "ONNX Runtime. bf16: several times faster on CPUs with AMX or AVX512-BF16 (Xeon 4th "
         "generation and later), keypoints move by hundredths of a pixel (docs/models.md); "
-        "where the CPU lacks it OpenVINO runs f32 and the log says so."
+        "where the CPU lacks it OpenVINO runs f32 and the log says so. (f16 is not offered: "
+        "on a Xeon with AVX512-FP16 it ran slower than f32 and moved keypoints by up to "
+        "tens of pixels.)"
     )
 
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 OPENVINO = "OpenVINO"  # the provider name LineWatch reports (not an ONNX Runtime provider)
 
 # our precision names -> OpenVINO's element types (str(ov.Type))
-_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+_PRECISIONS = {"f32": "f32", "bf16": "bf16"}
 
 
 def openvino_available() -> bool:
