@@ -32,7 +32,8 @@ def _rows(n: int) -> np.ndarray:
 
 def runtime_config(
     model_path: Path, cameras: dict[str, str], *, lines: list[dict[str, Any]] | None = None,
-    store_url: str | None = None, camera_lines: dict[str, str] | None = None, **api: Any,
+    store_url: str | None = None, camera_lines: dict[str, str] | None = None,
+    model: dict[str, Any] | None = None, **api: Any,
 ) -> Config:
     data: dict[str, Any] = {
         "cameras": [
@@ -41,7 +42,8 @@ def runtime_config(
             for cid, src in cameras.items()
         ],
         "models": [
-            {"id": "tiny", "path": str(model_path), "intra_op_threads": 1, "warmup_runs": 1}
+            {"id": "tiny", "path": str(model_path), "intra_op_threads": 1, "warmup_runs": 1,
+             **(model or {})}
         ],
         "api": api,
     }
@@ -54,7 +56,7 @@ def runtime_config(
 
 class RuntimeFactory:
     """``make(cameras={id: source}, instances=1, start=True, api={...}, frame_queue=64,
-    lines=[...], camera_lines={camera: line})``.
+    lines=[...], camera_lines={camera: line}, model={model entry keys})``.
 
     Builds a real runtime: sim cameras, a tiny real ONNX model that outputs
     ``instances`` fixed detections per frame (classes 0, 1, 2, ...), the real hub;
@@ -76,6 +78,7 @@ class RuntimeFactory:
         frame_queue: int = 64,
         lines: list[dict[str, Any]] | None = None,
         camera_lines: dict[str, str] | None = None,
+        model: dict[str, Any] | None = None,
     ) -> tuple[Runtime, Hub]:
         path = build_model(self._tmp / f"tiny-{len(self._built)}.onnx", _rows(instances))
         cams = cameras or {
@@ -85,7 +88,8 @@ class RuntimeFactory:
         hub = Hub(frame_queue=frame_queue)
         store = f"sqlite:///{self._tmp / f'events-{len(self._built)}.db'}" if lines else None
         config = runtime_config(
-            path, cams, lines=lines, store_url=store, camera_lines=camera_lines, **(api or {})
+            path, cams, lines=lines, store_url=store, camera_lines=camera_lines, model=model,
+            **(api or {})
         )
         runtime = Runtime.build(config, hub)
         self._built.append(runtime)

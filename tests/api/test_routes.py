@@ -138,6 +138,20 @@ def test_models_describe_classes_keypoints_inputs(client) -> None:
     assert c.get("/api/v1/models/tiny").json() == model
 
 
+def test_a_model_on_openvino_says_so_and_serves_frames(client_factory) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    c, runtime = client_factory(model={"providers": ["openvino", "cpu"]})
+    wait_for_frames(runtime)
+    (model,) = c.get("/api/v1/models").json()
+    assert model["provider"] == "OpenVINO" and model["threads"] == 1
+    assert model["acceleration"] == {"provider": "OpenVINO", "precision": "f32",
+                                     "requested_precision": "f32"}
+    msg = c.get("/api/v1/cameras/cam-1/latest").json()
+    assert msg["instances"] and msg["instances"][0]["class"] == "bracket"
+    metrics = c.get("/metrics").text
+    assert 'linewatch_inference_provider{model="tiny",provider="OpenVINO"} 1.0' in metrics
+
+
 def test_no_frame_yet_is_503_not_500(client_factory) -> None:
     client, _ = client_factory(start=False)
     for path in ("/api/v1/cameras/cam-1/latest", "/api/v1/cameras/cam-1/snapshot.jpg"):
