@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -60,7 +60,7 @@ from service.bus.mqtt import (
 from service.config import Config
 from service.domain import ClassInfo, Event
 from service.errors import ConfigError
-from service.telemetry.metrics import MQTT_INVALID, MQTT_RECEIVED
+from service.telemetry.metrics import MQTT_DUPLICATE_EVENTS, MQTT_INVALID, MQTT_RECEIVED
 
 log = logging.getLogger(__name__)
 
@@ -305,22 +305,39 @@ class RemoteEvents:
     them in arrival order (``cursor``), keeping the worker's as ``source_cursor``, so
     that one API process has one cursor sequence over all workers.  Cursors belong
     to the process: a client that moves to another API replica starts again.
+
+    Events come at QoS 1: the broker sends one again when its acknowledgement was lost
+    (a reconnect, or a persistent session resumed).  Such a copy has the same line, worker
+    cursor, transition and wall time as the first; the newest ``keep`` events' keys are
+    remembered and a copy is dropped (``add`` returns "duplicate"), so a client never
+    sees one event twice under two cursors.
     """
 
     def __init__(self, keep: int = 1000) -> None:
         self._lock = threading.Lock()
         self._events: deque[Event] = deque(maxlen=keep)
+        self._seen: dict[tuple[Any, ...], None] = {}  # insertion-ordered: oldest first
+        self._keep = keep
         self._cursor = 0
 
-    def add(self, message: Message) -> bool:
-        """Number ``message`` (in place) and keep it; False when it is not an event."""
+    def add(self, message: Message) -> Literal["added", "duplicate", "invalid"]:
+        """Number ``message`` (in place) and keep it: "added"; "duplicate" for a copy of
+        an event already kept; "invalid" when it is not an event."""
         fields = [message.get(k) for k in ("line", "kind", "name", "old", "new")]
         t_wall, detail = message.get("t_wall"), message.get("detail") or {}
         if not all(isinstance(f, str) for f in fields) or not isinstance(detail, dict) \
                 or not isinstance(t_wall, int | float) or isinstance(t_wall, bool):
-            return False
+            return "invalid"
         line, kind, name, old, new = (str(f) for f in fields)
+        source = message.get("cursor")
+        key = (line, source if isinstance(source, int) else None, kind, name, old, new,
+               float(t_wall))
         with self._lock:
+            if key in self._seen:
+                return "duplicate"
+            self._seen[key] = None
+            if len(self._seen) > self._keep:
+                del self._seen[next(iter(self._seen))]
             self._cursor += 1
             if "cursor" in message:
                 message["source_cursor"] = message["cursor"]
@@ -328,7 +345,7 @@ class RemoteEvents:
             self._events.append(
                 Event(line, kind, name, old, new, float(t_wall), detail, self._cursor)
             )
-        return True
+        return "added"
 
     def list(
         self, line: str | None = None, since_cursor: int = 0, limit: int = 100
@@ -423,8 +440,13 @@ class RemoteState:
                 message[key] = value
         MQTT_RECEIVED.labels(info.kind).inc()
         if info.kind == "event":
-            if not self.events.add(message):  # numbers it with this process's cursor
+            added = self.events.add(message)  # numbers it with this process's cursor
+            if added == "invalid":
                 self._refuse("payload", f"{topic}: an event without line/kind/name/old/new/t_wall")
+                return
+            if added == "duplicate":  # QoS 1 sent it again: the clients have it already
+                MQTT_DUPLICATE_EVENTS.inc()
+                log.debug("MQTT: dropped a second copy of an event on %s", topic)
                 return
         else:
             handler = {

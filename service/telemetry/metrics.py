@@ -138,6 +138,10 @@ MQTT_RECEIVED = Counter(
     "mqtt_received_messages", "Messages received from the broker, by type.", ["type"],
     namespace=NAMESPACE,
 )
+MQTT_DUPLICATE_EVENTS = Counter(
+    "mqtt_duplicate_events", "Events received again from the broker (QoS 1 redelivery) and "
+    "dropped: each event reaches the API's clients once.", namespace=NAMESPACE,
+)
 MQTT_INVALID = Counter(
     "mqtt_invalid_messages", "Messages received from the broker that were refused.", ["reason"],
     namespace=NAMESPACE,

@@ -572,6 +572,39 @@ def test_events_of_several_workers_get_one_cursor_sequence(heard) -> None:
     assert state.events.latest_cursor() == 3
 
 
+def test_an_event_sent_again_reaches_the_clients_once(heard) -> None:
+    from service.telemetry.metrics import MQTT_DUPLICATE_EVENTS
+
+    state, hub, _clock = heard
+    sub = hub.subscribe(types={"event"})
+    before = MQTT_DUPLICATE_EVENTS._value.get()
+    for n in (1, 2, 1, 3, 2):  # QoS 1 redelivers 1 and 2 (same payload: same bytes)
+        feed(state, event(n, "line-1", cursor=n))
+    # the same transition at another time, or from another worker's store, is an event
+    feed(state, {**event(1, "line-1", cursor=1), "t_wall": event(1)["t_wall"] + 5.0})
+    feed(state, event(1, "line-2", cursor=1))
+    live = []
+    while (m := sub.get_nowait()) is not None:
+        live.append(m)
+    assert [(m["line"], m["name"], m["cursor"]) for m in live] == [
+        ("line-1", "r1", 1), ("line-1", "r2", 2), ("line-1", "r3", 3), ("line-1", "r1", 4),
+        ("line-2", "r1", 5),
+    ]
+    assert state.events.latest_cursor() == 5 and state.refused == 0
+    assert MQTT_DUPLICATE_EVENTS._value.get() - before == 2
+
+
+def test_the_duplicate_memory_is_bounded() -> None:
+    from service.remote import RemoteEvents
+
+    log = RemoteEvents(keep=3)
+    msgs = [event(n, "line-1", cursor=n) for n in range(1, 6)]
+    assert [log.add(dict(m)) for m in msgs] == ["added"] * 5
+    assert log.add(dict(msgs[-1])) == "duplicate"  # still remembered
+    assert log.add(dict(msgs[0])) == "added"  # forgotten after 3 newer ones: kept as new
+    assert log.add({"type": "event"}) == "invalid"
+
+
 def test_models_of_several_workers_merge_by_id(heard) -> None:
     state, _hub, _clock = heard
     model = {
