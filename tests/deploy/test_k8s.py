@@ -16,6 +16,7 @@ from tests.deploy.conftest import DEPLOY, load_yaml, load_yaml_all, output_of
 
 K8S = DEPLOY / "k8s"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+API = ("StatefulSet", "linewatch-api")
 
 
 def objects() -> dict[tuple[str, str], dict[str, Any]]:
@@ -73,7 +74,7 @@ def test_worker_runs_on_a_gpu_node() -> None:
 
 def test_api_replicas_behind_a_service() -> None:
     objs = objects()
-    api = objs[("Deployment", "linewatch-api")]
+    api = objs[API]
     assert api["spec"]["replicas"] >= 2
     pod_labels = api["spec"]["template"]["metadata"]["labels"]
     service = objs[("Service", "linewatch-api")]
@@ -81,21 +82,42 @@ def test_api_replicas_behind_a_service() -> None:
     worker_labels = objs[("Deployment", "linewatch-worker")]["spec"]["template"]["metadata"][
         "labels"]
     assert not service["spec"]["selector"].items() <= worker_labels.items()
-    c = container(("Deployment", "linewatch-api"))
+    c = container(API)
     assert c["command"] == ["linewatch", "api", "--config", "/etc/linewatch/config.yaml"]
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
 
 
-@pytest.mark.parametrize("name", ["linewatch-worker", "linewatch-api"])
-def test_probes_and_config_mount(name: str) -> None:
-    c = container(("Deployment", name))
+def test_each_api_replica_keeps_its_broker_session(tmp_path: Path) -> None:
+    """A StatefulSet's pods keep their names across restarts; each is its replica's MQTT
+    client id, so the broker keeps a persistent session per replica (docs/mqtt.md)."""
+    from service.bus.mqtt import MqttSettings
+
+    api = objects()[API]
+    assert api["spec"]["serviceName"] == "linewatch-api"
+    env = {e["name"]: e for e in container(API)["env"]}
+    ref = env["LINEWATCH_BUS__MQTT__CLIENT_ID"]["valueFrom"]["fieldRef"]
+    assert ref["fieldPath"] == "metadata.name"
+    path = tmp_path / "config.yaml"  # the ConfigMap's config, as the pod linewatch-api-0 reads it
+    path.write_text(objects()[("ConfigMap", "linewatch-config")]["data"]["config.yaml"])
+    config = load_config(path, env={"LINEWATCH_API__AUTH__TOKENS__0__TOKEN": "t",
+                                    "LINEWATCH_BUS__MQTT__CLIENT_ID": "linewatch-api-0"},
+                         check_files=False)
+    settings = MqttSettings.from_config(config.bus, role="api")
+    assert settings.persistent and settings.client_id == "linewatch-api-0"
+    conf = objects()[("ConfigMap", "mosquitto-config")]["data"]["mosquitto.conf"]
+    assert "persistent_client_expiration" in conf
+
+
+@pytest.mark.parametrize("key", [("Deployment", "linewatch-worker"), API])
+def test_probes_and_config_mount(key: tuple[str, str]) -> None:
+    c = container(key)
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     port_names = {p["name"] for p in c["ports"]}
     assert c["livenessProbe"]["httpGet"]["port"] in port_names
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["config"] == "/etc/linewatch"
-    pod = objects()[("Deployment", name)]["spec"]["template"]["spec"]
+    pod = objects()[key]["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "linewatch-config"
     assert pod["securityContext"]["runAsNonRoot"] is True
