@@ -98,9 +98,9 @@ def source_options(cam: CameraConfig) -> SourceOptions:
 def inference_config(mod: ModelConfig) -> InferenceConfig:
     """How ONNX Runtime runs one configured model (what ``open_session`` and ``OrtModel`` read).
 
-    The GPU section passes through, except that the uint8-input graph is off when the
-    model's ``adapter.input`` overrides the input conversion (as ``OrtModel`` decides), so
-    a bare session built from this config (the bench's) takes the same feeds.
+    The GPU and OpenVINO sections pass through, except that their uint8-input graphs are
+    off when the model's ``adapter.input`` overrides the input conversion (as ``OrtModel``
+    decides), so a bare session built from this config (the bench's) takes the same feeds.
     """
     from service.config import ORT_PROVIDERS
     from service.inference.session import device_input_allowed
@@ -108,9 +108,10 @@ def inference_config(mod: ModelConfig) -> InferenceConfig:
     providers: str | list[str] = (
         "auto" if mod.providers == "auto" else [ORT_PROVIDERS[p] for p in mod.providers]
     )
-    gpu = mod.gpu
-    if gpu.uint8_input and not device_input_allowed(mod.adapter.resolved().input):
+    gpu, openvino = mod.gpu, mod.openvino
+    if not device_input_allowed(mod.adapter.resolved().input):
         gpu = gpu.model_copy(update={"uint8_input": False})
+        openvino = openvino.model_copy(update={"uint8_input": False})
     return InferenceConfig(
         providers=providers,
         intra_op_threads=mod.intra_op_threads,
@@ -121,7 +122,7 @@ def inference_config(mod: ModelConfig) -> InferenceConfig:
         max_detections=mod.max_detections,
         max_batch=mod.max_batch,
         gpu=gpu,
-        openvino=mod.openvino,
+        openvino=openvino,
     )
 
 

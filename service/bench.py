@@ -209,18 +209,21 @@ def raw_model_fps(
     *,
     instances: int | None = None,
     threads: dict[str, Any] | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> RawResult:
     """Images/s of a bare ``session.run`` loop: same file, providers, threads and batch.
 
     A model with several instances runs as that many sessions, each looping in its own
     thread (its capacity without the pipeline); ``instances``/``threads`` override the
-    model's own counts.
+    model's own counts (``threads`` may also change the providers: then ``feeds`` are the
+    feeds of that session's input, when they differ from the model's own).
     """
     from service.inference.gpu import DeviceRunner
     from service.inference.session import open_session, run_in_batches
 
     model = loaded.model
-    feeds, _ = model.adapter.preprocess(list(images))
+    if feeds is None:
+        feeds, _ = model.adapter.preprocess(list(images))
     # the threads as the model runs them (``0`` = auto resolved)
     threads = threads or {"intra_op_threads": model.intra_op_threads,
                           "spin_wait": model.spin_wait}
@@ -263,6 +266,19 @@ def raw_model_fps(
         worker.join()
     elapsed = time.perf_counter() - t0
     return RawResult(fps=sum(counts) * n / elapsed, runs=sum(counts), batch=n)
+
+
+def _file_input_feeds(loaded: LoadedModel, images: Sequence[ImageArray]) -> dict[str, np.ndarray]:
+    """The images preprocessed for the model file's own input (an OpenVINO model may run
+    the uint8 input graph instead, whose feeds ONNX Runtime's session would refuse)."""
+    from service.inference.adapters import configured_adapter
+    from service.inference.metadata import read_model_info
+
+    model = loaded.model
+    info, normalizer, choice = configured_adapter(read_model_info(model.path), model.settings)
+    adapter = choice.adapter(info, model.config.score_threshold, model.config.max_detections,
+                             model.settings, normalizer)
+    return adapter.preprocess(list(images))[0]
 
 
 # --- the bench ------------------------------------------------------------------------
@@ -368,6 +384,7 @@ def run_bench(
             loaded, images, raw_s / 2,
             threads={"providers": [CPU], "intra_op_threads": loaded.model.intra_op_threads,
                      "spin_wait": loaded.model.spin_wait},
+            feeds=_file_input_feeds(loaded, images),
         )
     capture_ms = [r.capture_ms_per_frame for r in replays if r.capture_ms_per_frame is not None]
     fps = recorder.frames / elapsed

@@ -79,6 +79,12 @@ class OpenVinoConfig(BaseModel):
         "on a Xeon with AVX512-FP16 it ran slower than f32 and moved keypoints by up to "
         "tens of pixels.)"
     )
+    uint8_input: bool = Field(
+        default=True, description="For a float NCHW model (e.g. an Ultralytics export), "
+        "prepend Cast, BGR->RGB, x/255 and NHWC->NCHW to the graph OpenVINO compiles, so "
+        "uint8 frames go in and the conversion runs inside the model. Off when "
+        "adapter.input overrides the input conversion."
+    )
 
 
 class InferenceConfig(BaseModel):

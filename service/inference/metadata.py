@@ -158,11 +158,16 @@ def read_model_info(path: str | Path) -> ModelInfo:
             f"Model file {str(p)!r} is not a readable ONNX model ({type(exc).__name__}: "
             f"{exc}). Re-export it, or check that the download is complete."
         ) from exc
+    return model_info_from_proto(p, proto)
+
+
+def model_info_from_proto(path: str | Path, proto: Any) -> ModelInfo:
+    """Build ``ModelInfo`` from a loaded ``onnx.ModelProto`` (``path`` names it in errors)."""
     initializers = {i.name for i in proto.graph.initializer}
     inputs = tuple(_onnx_tensor(v) for v in proto.graph.input if v.name not in initializers)
     outputs = tuple(_onnx_tensor(v) for v in proto.graph.output)
     metadata = {m.key: m.value for m in proto.metadata_props}
-    return build_model_info(p, inputs, outputs, metadata)
+    return build_model_info(Path(path), inputs, outputs, metadata)
 
 
 def model_info_from_session(path: str | Path, session: Any) -> ModelInfo:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import ModelError
-from service.inference.metadata import ModelInfo, read_model_info
+from service.inference.metadata import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,29 @@ class OpenVinoSession:
     models would both land on the first core (half the throughput, measured).
     """
 
-    def __init__(self, path: Path, *, precision: str = "f32", threads: int = 1) -> None:
+    def __init__(
+        self,
+        path: Path,
+        info: ModelInfo,
+        *,
+        model: bytes | None = None,
+        precision: str = "f32",
+        threads: int = 1,
+    ) -> None:
+        """``info`` describes the graph that runs: the file's, or ``model``'s (the file's
+        graph changed in memory, e.g. with the uint8 input in front)."""
         ov = _import_openvino()
         if precision not in _PRECISIONS:
             raise ModelError(f"openvino.precision {precision!r} is not one of "
                              f"{', '.join(_PRECISIONS)}")
         self.path = Path(path)
-        self.model_info: ModelInfo = read_model_info(self.path)
+        self.model_info = info
         self.requested_precision = precision
         core = ov.Core()
         t0 = time.perf_counter()
         try:
-            model = core.read_model(str(self.path))
-            self._compiled = core.compile_model(model, "CPU", {
+            graph = core.read_model(model if model is not None else str(self.path))
+            self._compiled = core.compile_model(graph, "CPU", {
                 "INFERENCE_PRECISION_HINT": _PRECISIONS[precision],
                 "PERFORMANCE_HINT": "LATENCY",
                 "NUM_STREAMS": 1,

@@ -291,8 +291,26 @@ def open_model_session(
 
 
 def open_openvino(path: Path, config: InferenceConfig) -> OpenVinoSession:
-    """The model compiled by OpenVINO for the CPU (``providers: [openvino, ...]``)."""
-    session = OpenVinoSession(path, precision=config.openvino.precision,
+    """The model compiled by OpenVINO for the CPU (``providers: [openvino, ...]``).
+
+    With ``openvino.uint8_input`` a float NCHW model gets the uint8 NHWC input graph (as
+    on the GPU): frames go in as uint8 and OpenVINO converts them inside the compiled
+    model (YOLO11n-pose at 640: 2-3 ms less CPU a frame, ~7 % on bf16).
+    """
+    info = read_model_info(path)
+    model: bytes | None = None
+    if config.openvino.uint8_input and _uint8_wrappable(info):
+        import onnx
+
+        from service.inference.gpu import uint8_input_model
+        from service.inference.metadata import model_info_from_proto
+
+        spec = info.input
+        wrapped = uint8_input_model(onnx.load(str(path)), spec.name,
+                                    bgr_to_rgb=spec.color == "RGB",
+                                    size=(spec.height, spec.width))
+        model, info = wrapped.SerializeToString(), model_info_from_proto(path, wrapped)
+    session = OpenVinoSession(path, info, model=model, precision=config.openvino.precision,
                               threads=config.intra_op_threads or auto_intra_op_threads())
     if session.precision != session.requested_precision:
         log.warning("model %s: OpenVINO runs %s, not the %s asked for (this CPU lacks it)",
@@ -450,10 +468,11 @@ class OrtModel:
         self.settings = settings or AdapterConfig()
         self.name = name or self.path.stem
         session_config = self.config
-        if self.config.gpu.uint8_input and not device_input_allowed(self.settings.input):
-            session_config = self.config.model_copy(
-                update={"gpu": self.config.gpu.model_copy(update={"uint8_input": False})}
-            )
+        if not device_input_allowed(self.settings.input):
+            session_config = self.config.model_copy(update={
+                "gpu": self.config.gpu.model_copy(update={"uint8_input": False}),
+                "openvino": self.config.openvino.model_copy(update={"uint8_input": False}),
+            })
         self._session_config = session_config
         self._session, requested, self.device_setup = open_model_session(
             self.path, session_config

@@ -123,6 +123,42 @@ def test_two_instances_split_the_cores_and_keep_the_results(
             np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-4)
 
 
+@pytest.mark.parametrize("uint8_input", [True, False])
+def test_a_float_nchw_model_takes_uint8_frames_and_gives_the_same_results(
+    tmp_path: Path, uint8_input: bool
+) -> None:
+    from tests.inference.test_gpu import float_pose_model
+
+    path = float_pose_model(tmp_path / "f.onnx")  # its boxes move with R + 10 G + 100 B
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (200, 300, 3), dtype=np.uint8) for _ in range(3)]
+    want = OrtModel(path, InferenceConfig(providers=["cpu"], warmup_runs=0)).predict(images)
+    model = OrtModel(path, InferenceConfig(providers=["openvino"], warmup_runs=0,
+                                           openvino={"uint8_input": uint8_input}))
+    spec = model.info.input
+    if uint8_input:  # the conversion runs inside the compiled model
+        assert (spec.name, spec.dtype, spec.layout) == ("images_uint8_nhwc", "uint8", "NHWC")
+    else:
+        assert (spec.name, spec.dtype, spec.layout) == ("images", "float32", "NCHW")
+    got = model.predict(images)
+    assert len(got[0]) == 2
+    # the model multiplies the channel means by 1, 10 and 100: float sums in another order
+    # move its boxes by hundredths of a pixel; a wrong channel order or scale, by tens
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=0.05)
+        np.testing.assert_allclose(a.keypoints, b.keypoints, atol=0.05)
+
+
+def test_an_input_override_keeps_the_file_input(tmp_path: Path) -> None:
+    from service.inference.adapter_config import AdapterConfig
+    from tests.inference.test_gpu import float_pose_model
+
+    path = float_pose_model(tmp_path / "f.onnx")
+    model = OrtModel(path, InferenceConfig(providers=["openvino"], warmup_runs=0),
+                     settings=AdapterConfig.model_validate({"input": {"color": "BGR"}}))
+    assert model.info.input.dtype == "float32" and model.info.input.color == "BGR"
+
+
 def test_without_the_package_it_falls_back_to_the_next_provider_or_is_refused(
     model_factory: ModelFactory, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -147,7 +183,7 @@ def test_a_file_openvino_cannot_read_is_a_model_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx file")
     with pytest.raises(ModelError, match="bad.onnx"):
-        OpenVinoSession(bad)
+        OrtModel(bad, InferenceConfig(providers=["openvino"]))
 
 
 @pytest.mark.parametrize(("text", "ours"), [
