@@ -281,7 +281,8 @@ def open_model_session(
             log.warning("model %s: OpenVINO cannot run it (%s); falling back to %s",
                         path, exc, ", ".join(requested[1:]))
             config = config.model_copy(update={"providers": requested[1:]})
-            return open_model_session(path, config, cuda_graphs=cuda_graphs)[0], requested, None
+            session, _, setup = open_model_session(path, config, cuda_graphs=cuda_graphs)
+            return session, requested, setup
         return session, requested, None
     device = _device_for(requested[0], gpu)
     if device is None:
