@@ -271,13 +271,12 @@ def raw_model_fps(
 def _file_input_feeds(loaded: LoadedModel, images: Sequence[ImageArray]) -> dict[str, np.ndarray]:
     """The images preprocessed for the model file's own input (an OpenVINO model may run
     the uint8 input graph instead, whose feeds ONNX Runtime's session would refuse)."""
-    from service.inference.adapters import configured_adapter
+    from service.inference.adapters import build_adapter
     from service.inference.metadata import read_model_info
 
     model = loaded.model
-    info, normalizer, choice = configured_adapter(read_model_info(model.path), model.settings)
-    adapter = choice.adapter(info, model.config.score_threshold, model.config.max_detections,
-                             model.settings, normalizer)
+    _, adapter, _ = build_adapter(read_model_info(model.path), model.settings,
+                                  model.config.score_threshold, model.config.max_detections)
     return adapter.preprocess(list(images))[0]
 
 

@@ -424,6 +424,19 @@ def configured_adapter(
     return info, normalizer, choose_adapter(info, settings)
 
 
+def build_adapter(
+    info: ModelInfo,
+    settings: AdapterConfig,
+    score_threshold: float | None,
+    max_detections: int | None,
+) -> tuple[ModelInfo, Adapter, AdapterChoice]:
+    """:func:`configured_adapter`, and the adapter built: the info as the adapter sees it
+    (input overrides applied), the adapter, and the choice (for its reason)."""
+    info, normalizer, choice = configured_adapter(info, settings)
+    return info, choice.adapter(info, score_threshold, max_detections, settings,
+                                normalizer), choice
+
+
 def check_adapter_fits(path: str | Path, settings: AdapterConfig) -> AdapterChoice:
     """Read the file's tensors and metadata (no session) and choose as the service will."""
     return configured_adapter(read_model_info(path), settings)[2]

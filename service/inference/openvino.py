@@ -13,7 +13,6 @@ The ``openvino`` package is an optional dependency (``pip install 'linewatch[ope
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,21 +23,10 @@ import numpy as np
 from service.errors import ModelError
 from service.inference.metadata import ModelInfo
 
-log = logging.getLogger(__name__)
-
 OPENVINO = "OpenVINO"  # the provider name LineWatch reports (not an ONNX Runtime provider)
 
 # our precision names -> OpenVINO's element types (str(ov.Type))
 _PRECISIONS = {"f32": "f32", "bf16": "bf16"}
-
-
-def openvino_available() -> bool:
-    """Whether the ``openvino`` package imports here."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _import_openvino() -> Any:

@@ -32,7 +32,7 @@ import numpy as np
 from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig, InputOverride
-from service.inference.adapters import Adapter, configured_adapter
+from service.inference.adapters import Adapter, build_adapter
 from service.inference.config import PROVIDER_ALIASES, GpuConfig, InferenceConfig
 from service.inference.gpu import DeviceRunner, run_chunks
 from service.inference.metadata import ModelInfo, model_info_from_session, read_model_info
@@ -481,14 +481,12 @@ class OrtModel:
         self._providers: tuple[str, ...] = tuple(self._session.get_providers())
         self._check_provider(requested)
         self.info: ModelInfo
-        self.info, normalizer, choice = configured_adapter(
-            session_model_info(self.path, self._session), self.settings
+        self.adapter: Adapter
+        self.info, self.adapter, choice = build_adapter(
+            session_model_info(self.path, self._session), self.settings,
+            self.config.score_threshold, self.config.max_detections,
         )
         check_cuda_graphs(self.info, self.config.gpu, self.name)
-        self.adapter: Adapter = choice.adapter(
-            self.info, self.config.score_threshold, self.config.max_detections, self.settings,
-            normalizer,
-        )
         self.adapter_reason = choice.reason
         self._before_warm_up()
         self._output_names = [o.name for o in self.info.outputs]
