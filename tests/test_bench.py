@@ -156,8 +156,8 @@ def test_a_bench_on_openvino_also_loops_onnxruntime(config_file: Path) -> None:
     assert result["provider"] == "OpenVINO" and result["precision"] == "f32"
     assert result["frames"] >= 5 and result["raw_model_fps"] > 0
     assert result["onnxruntime_raw_fps"] > 0
-    assert result["fps_vs_onnxruntime_raw"] == pytest.approx(
-        result["fps"] / result["onnxruntime_raw_fps"], rel=0.01
+    assert result["fps_vs_onnxruntime_raw"] == pytest.approx(  # rounded to 3 decimals
+        result["fps"] / result["onnxruntime_raw_fps"], rel=0.01, abs=6e-4
     )
     assert result["machine"]["openvino"]
 
