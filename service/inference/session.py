@@ -235,6 +235,18 @@ def _uint8_wrappable(info: ModelInfo) -> bool:
             and len(info.inputs) == 1 and info.inputs[0].dtype == "float32")
 
 
+def _uint8_graph(path: Path, info: ModelInfo) -> Any:
+    """The model file with the uint8 NHWC input graph in front (an ``onnx.ModelProto``),
+    for a float NCHW model that :func:`_uint8_wrappable` accepts."""
+    import onnx
+
+    from service.inference.gpu import uint8_input_model
+
+    spec = info.input
+    return uint8_input_model(onnx.load(str(path)), spec.name, bgr_to_rgb=spec.color == "RGB",
+                             size=(spec.height, spec.width))
+
+
 def _create_session(
     model: str | bytes, so: Any, providers: Sequence[Any], path: Path
 ) -> Any:
@@ -301,15 +313,9 @@ def open_openvino(path: Path, config: InferenceConfig) -> OpenVinoSession:
     info = read_model_info(path)
     model: bytes | None = None
     if config.openvino.uint8_input and _uint8_wrappable(info):
-        import onnx
-
-        from service.inference.gpu import uint8_input_model
         from service.inference.metadata import model_info_from_proto
 
-        spec = info.input
-        wrapped = uint8_input_model(onnx.load(str(path)), spec.name,
-                                    bgr_to_rgb=spec.color == "RGB",
-                                    size=(spec.height, spec.width))
+        wrapped = _uint8_graph(path, info)
         model, info = wrapped.SerializeToString(), model_info_from_proto(path, wrapped)
     session = OpenVinoSession(path, info, model=model, precision=config.openvino.precision,
                               threads=config.intra_op_threads or auto_intra_op_threads())
@@ -341,13 +347,7 @@ def _open_on_device(
     model: str | bytes = str(path)
     model_bytes: Path | bytes = path
     if wrap:
-        import onnx
-
-        spec = info.input
-        wrapped = g.uint8_input_model(onnx.load(str(path)), spec.name,
-                                      bgr_to_rgb=spec.color == "RGB",
-                                      size=(spec.height, spec.width))
-        model = model_bytes = wrapped.SerializeToString()
+        model = model_bytes = _uint8_graph(path, info).SerializeToString()
     graphs = opts.cuda_graphs and graphs_ok
     if graphs:
         dynamic = [t.describe() for t in (*info.inputs, *info.outputs)
