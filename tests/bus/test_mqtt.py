@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import queue
 import re
 import shutil
@@ -63,16 +64,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Mosquitto:
-    """A real Mosquitto on 127.0.0.1 (no persistence); ``stop``/``start`` keep the port."""
+def on_loopback(config: str, port: int, data_dir: Path) -> str:
+    """A shipped broker config made to run here: its own listener, log and persistence
+    location replaced by ``port`` on 127.0.0.1, stderr and ``data_dir``; the rest kept.
+    ``user`` is this test's (as root, Mosquitto would drop to ``mosquitto``, which cannot
+    write into pytest's private tmp_path)."""
+    replaced = {"listener", "log_dest", "persistence_location", "user"}
+    kept = [line for line in config.splitlines()
+            if not line.strip() or line.split()[0] not in replaced]
+    return "\n".join([f"listener {port} 127.0.0.1", f"user {getpass.getuser()}", *kept,
+                      "log_dest stderr", f"persistence_location {data_dir}/", ""])
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+
+class Mosquitto:
+    """A real Mosquitto on 127.0.0.1 (no persistence unless ``config`` is a shipped broker
+    config, see :func:`on_loopback`); ``stop``/``start`` keep the port and the data."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 config: str | None = None) -> None:
         assert MOSQUITTO is not None
         self.port = port or free_port()
         self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.data_dir = workdir / f"mosquitto-{self.port}-data"
+        self.data_dir.mkdir(exist_ok=True)
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "log_dest stderr\n"
+            "log_dest stderr\n" if config is None
+            else on_loopback(config, self.port, self.data_dir)
         )
         self.log_path = workdir / f"mosquitto-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -110,8 +128,9 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
         pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto)")
     made: list[Mosquitto] = []
 
-    def make(*, start: bool = True, port: int | None = None) -> Mosquitto:
-        broker = Mosquitto(tmp_path, port)
+    def make(*, start: bool = True, port: int | None = None,
+             config: str | None = None) -> Mosquitto:
+        broker = Mosquitto(tmp_path, port, config=config)
         made.append(broker)
         return broker.start() if start else broker
 
@@ -668,45 +687,88 @@ def test_messages_reach_the_broker_with_their_qos_and_retention(
     assert late.received.empty()
 
 
+class ApiSession:
+    """An API process' MQTT connection (its subscriptions, its client id), made again
+    after it was away; records the names of the events it hears."""
+
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        self.heard: queue.Queue[Msg | None] = queue.Queue()
+
+    def connect(self) -> MqttConnection:
+        connection = MqttConnection(
+            self.settings, on_message=lambda _topic, payload: self.heard.put(decode(payload)))
+        connection.on_connected(lambda: connection.subscribe(api_subscriptions(self.settings)))
+        connection.start()
+        wait_for(lambda: connection.subscribed, what="the API to subscribe")
+        return connection
+
+    def events_after_reconnect(self, count: int, timeout: float) -> list[str]:
+        """Connect again; the names of the events heard until ``count`` or ``timeout``."""
+        back = self.connect()
+        got: list[str] = []
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and len(got) < count:
+                try:
+                    message = self.heard.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if message is not None and message.get("type") == "event":
+                    got.append(message["name"])
+        finally:
+            back.stop()
+        return got
+
+
 @needs_broker
 @pytest.mark.parametrize("client_id", ["api-7", None])
 def test_an_api_with_its_own_client_id_gets_the_events_sent_while_it_was_away(
     broker: Mosquitto, publishers: Publishers, client_id: str | None
 ) -> None:
-    from service.remote import api_subscriptions
-
     settings = settings_for(broker.url, role="api", client_id=client_id)
     assert settings.persistent is (client_id is not None)
-    heard: queue.Queue[Msg | None] = queue.Queue()
-
-    def api_connection() -> MqttConnection:
-        connection = MqttConnection(
-            settings, on_message=lambda _topic, payload: heard.put(decode(payload)))
-        connection.on_connected(lambda: connection.subscribe(api_subscriptions(settings)))
-        connection.start()
-        wait_for(lambda: connection.subscribed, what="the API to subscribe")
-        return connection
-
-    api_connection().stop()  # subscribed once, then away (a restart, a network cut)
+    api = ApiSession(settings)
+    api.connect().stop()  # subscribed once, then away (a restart, a network cut)
     _, publisher = publishers(settings_for(broker.url))
     publisher.publish(event(1))
     publisher.publish(event(2))
     assert publisher.flush(10)
-    back = api_connection()
-    try:
-        got = []
-        deadline = time.monotonic() + (10 if client_id else 2)
-        while time.monotonic() < deadline and len(got) < 2:
-            try:
-                message = heard.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if message is not None and message.get("type") == "event":
-                got.append(message["name"])
-    finally:
-        back.stop()
+    got = api.events_after_reconnect(2, timeout=10 if client_id else 2)
     # a persistent session gets both, in order; a clean one never hears of them
     assert got == ([event(1)["name"], event(2)["name"]] if client_id else [])
+
+
+def shipped_broker_config(where: str) -> str:
+    """The Mosquitto config the compose stack or the Kubernetes manifests ship."""
+    if where == "compose":
+        return (REPO / "deploy/mosquitto/mosquitto.conf").read_text(encoding="utf-8")
+    import yaml
+
+    for doc in yaml.safe_load_all((REPO / "deploy/k8s/mosquitto.yaml").read_text("utf-8")):
+        if doc["kind"] == "ConfigMap":
+            return str(doc["data"]["mosquitto.conf"])
+    raise AssertionError("no mosquitto ConfigMap in deploy/k8s/mosquitto.yaml")
+
+
+@needs_broker
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_the_shipped_broker_keeps_an_api_session_and_its_events_across_a_restart(
+    broker_factory: Callable[..., Mosquitto], publishers: Publishers, where: str
+) -> None:
+    broker = broker_factory(config=shipped_broker_config(where))
+    api = ApiSession(settings_for(broker.url, role="api", client_id="linewatch-api-0"))
+    api.connect().stop()  # the API replica is away (rolling update) ...
+    worker, publisher = publishers(settings_for(broker.url))
+    publisher.publish(event(1))
+    publisher.publish(event(2))
+    assert publisher.flush(10)
+    worker.stop()
+    broker.stop()  # ... and the broker restarts meanwhile (node drain, upgrade)
+    broker.start()
+    got = api.events_after_reconnect(2, timeout=10)
+    assert got == [event(1)["name"], event(2)["name"]], broker.log_path.read_text()
+    assert any(broker.data_dir.iterdir()), "the broker saved its sessions to disk"
 
 
 @needs_broker

@@ -89,7 +89,7 @@ def test_the_monitoring_stack_is_wired(compose: dict[str, Any]) -> None:
 
 def test_mosquitto_config_has_a_listener_and_no_unknown_lines() -> None:
     known = {"listener", "allow_anonymous", "persistence", "persistence_location", "log_dest",
-             "log_type", "max_queued_messages", "password_file"}
+             "log_type", "max_queued_messages", "password_file", "autosave_interval"}
     lines = [line.split() for line in (REPO / "deploy/mosquitto/mosquitto.conf").read_text()
              .splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert {words[0] for words in lines} <= known

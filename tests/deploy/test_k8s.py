@@ -152,11 +152,31 @@ def test_the_broker_service_matches_the_bus_url() -> None:
     objs = objects()
     service = objs[("Service", "mosquitto")]
     assert service["spec"]["ports"][0]["port"] == 1883
-    broker = objs[("Deployment", "mosquitto")]
+    broker = objs[("StatefulSet", "mosquitto")]
     assert service["spec"]["selector"].items() <= broker["spec"]["template"]["metadata"][
         "labels"].items()
     conf = objs[("ConfigMap", "mosquitto-config")]["data"]["mosquitto.conf"]
     assert "listener 1883" in conf
+
+
+def test_the_broker_keeps_its_sessions_on_a_volume() -> None:
+    """What the broker persists (tests/bus/test_mqtt.py restarts a real Mosquitto with this
+    config) lands in the StatefulSet's claim, writable by the broker's group."""
+    objs = objects()
+    broker = objs[("StatefulSet", "mosquitto")]
+    conf = objs[("ConfigMap", "mosquitto-config")]["data"]["mosquitto.conf"]
+    settings = {line.split()[0]: line.split()[1:] for line in conf.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")}
+    assert settings["persistence"] == ["true"]
+    (location,) = settings["persistence_location"]
+    (c,) = broker["spec"]["template"]["spec"]["containers"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["data"]["mountPath"].rstrip("/") == location.rstrip("/")
+    assert not mounts["data"].get("readOnly", False)
+    (claim,) = broker["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    pod = broker["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
 
 
 def test_service_monitors_select_services_by_port_name() -> None:
