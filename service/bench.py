@@ -43,6 +43,7 @@ from service.domain import ImageArray
 from service.errors import ConfigError, LineWatchError
 from service.inference.openvino import OPENVINO
 from service.inference.session import CPU, usable_cores
+from service.overrides import NO_OVERRIDE, RuntimeOverride
 from service.pipeline import Message
 from service.sources.replay import ReplaySource
 
@@ -306,13 +307,15 @@ def run_bench(
     raw_seconds: float | None = None,
     compare: str | None = None,
     replay_frames: int = 90,
+    override: RuntimeOverride = NO_OVERRIDE,
 ) -> dict[str, Any]:
     """Run the benchmark and return its one JSON object (see the module doc).
 
     ``replay_frames`` > 0: each camera renders or decodes that many frames once, then
     replays them from memory, so the numbers measure the pipeline rather than the
     renderer or decoder (whose cost per frame is reported as ``capture_ms_per_frame``);
-    0 reads the sources live during the run.
+    0 reads the sources live during the run.  ``override`` (``--providers``,
+    ``--precision``) applies to the model the cameras run.
 
     ``compare="ultralytics"`` also times Ultralytics' ``predict(stream=True)`` loop on the
     same ONNX file and the first camera's clip: ``ultralytics_fps`` and
@@ -323,6 +326,9 @@ def run_bench(
     import psutil
 
     config = bench_config(load_config(config_path), cameras)
+    camera_models = {c.model for c in config.cameras}
+    config = config.model_copy(update={"models": [
+        override.apply(m) if m.id in camera_models else m for m in config.models]})
     recorder = LatencyRecorder()
     runtime = Runtime.build(config, recorder, replay_frames=replay_frames)
     if len(runtime.models) != 1:

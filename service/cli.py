@@ -8,6 +8,7 @@ is printed as one paragraph and exits with status 2, without a traceback.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -48,6 +49,32 @@ ProbePortOption = Annotated[
     int | None, typer.Option(help="Probe port, 0 = any free (default: api.port).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+class PrecisionChoice(StrEnum):
+    """OpenVINO's inference precision (``openvino.precision``)."""
+
+    f32 = "f32"
+    bf16 = "bf16"
+
+
+ProvidersOption = Annotated[
+    str | None,
+    typer.Option(help="Run the model on these providers instead of its config's: auto, or a "
+                 "list such as openvino,cpu or cuda,cpu."),
+]
+PrecisionOption = Annotated[
+    PrecisionChoice | None,
+    typer.Option(help="OpenVINO's precision (with --providers openvino,cpu): bf16 is several "
+                 "times faster on AMX Xeons and moves keypoints slightly (docs/models.md)."),
+]
+
+
+def runtime_override(providers: str | None, precision: PrecisionChoice | None) -> Any:
+    """The ``RuntimeOverride`` of the two options above."""
+    from service.overrides import RuntimeOverride
+
+    return RuntimeOverride(providers, None if precision is None else precision.value)
 
 
 def friendly_errors(fn: F) -> F:
@@ -164,7 +191,8 @@ def model_eval(
     every: Annotated[int, typer.Option(min=1, help="Take every Nth sim frame (30 fps).")] = 5,
     start: Annotated[int, typer.Option(min=0, help="First sim frame index.")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="ORT intra-op threads (0 = all).")] = 1,
-    providers: Annotated[str, typer.Option(help="auto, or a list: tensorrt,cuda,cpu.")] = "auto",
+    providers: ProvidersOption = None,
+    precision: PrecisionOption = None,
     score_threshold: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="Minimum score (default: model metadata, else 0.5)."),
@@ -174,20 +202,18 @@ def model_eval(
     """Score a model on held-out sim frames: recall, precision, keypoint error, latency."""
     import json
 
-    from service.evaluation import evaluate_model, render_report
+    from service.evaluation import (
+        HeldOutFrames,
+        evaluate_model,
+        evaluation_inference,
+        render_report,
+    )
     from service.inference import default_model_path
 
-    report = evaluate_model(
-        model or default_model_path(),
-        scenario,
-        seed,
-        frames,
-        every=every,
-        start=start,
-        threads=threads,
-        score_threshold=score_threshold,
-        providers="auto" if providers == "auto" else [p.strip() for p in providers.split(",")],
-    )
+    inference = runtime_override(providers, precision).apply(
+        evaluation_inference(threads=threads, score_threshold=score_threshold))
+    held_out = HeldOutFrames(scenario, seed, frames, every, start)
+    report = evaluate_model(model or default_model_path(), held_out, inference)
     typer.echo(json.dumps(report, indent=2) if as_json else render_report(report))
 
 
@@ -294,6 +320,8 @@ def bench(
             "(0: read the sources live during the run).",
         ),
     ] = 90,
+    providers: ProvidersOption = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """Run the pipeline as fast as it can and compare it with a bare ONNX Runtime loop."""
     import json as _json
@@ -301,7 +329,8 @@ def bench(
     from service.bench import run_bench
 
     result = run_bench(
-        config, cameras=cameras, seconds=seconds, compare=compare, replay_frames=replay_frames
+        config, cameras=cameras, seconds=seconds, compare=compare, replay_frames=replay_frames,
+        override=runtime_override(providers, precision),
     )
     if json_out:
         typer.echo(_json.dumps(result))
@@ -502,6 +531,8 @@ def predict(
         typer.Option(help="Force an adapter: end2end, ultralytics, simcc, heatmap, regression."),
     ] = None,
     batch: Annotated[int, typer.Option(min=1, help="Frames per model run.")] = 1,
+    providers: ProvidersOption = None,
+    precision: PrecisionOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines (the only format).")] = True,
 ) -> None:
     """Run a model on image/video files: one JSON line per frame (instances, named keypoints)."""
@@ -510,12 +541,15 @@ def predict(
 
     from service.predict import predict_files, prepare
 
-    setup = prepare(model, config, model_id, score_threshold, adapter, camera)
+    setup = prepare(model, config, model_id, score_threshold, adapter, camera,
+                    runtime=runtime_override(providers, precision))
     predictor = setup.predictor
     entry = f" (config entry {setup.model_id!r})" if setup.model_id else ""
     rois = f"; ROIs of camera {setup.camera!r}" if setup.camera and predictor.top_down else ""
+    precision = (predictor.acceleration or {}).get("precision")
     typer.echo(
-        f"model {predictor.path}{entry}: adapter {predictor.adapter.name} "
+        f"model {predictor.path}{entry} on {predictor.provider}"
+        f"{f' {precision}' if precision else ''}: adapter {predictor.adapter.name} "
         f"({predictor.adapter_reason}){rois}",
         err=True,
     )

@@ -116,7 +116,7 @@ def _check_source(value: str) -> str:
     return value
 
 
-def _normalize_providers(value: Any) -> Any:
+def normalize_providers(value: Any) -> Any:
     """``auto`` | ``"cuda,cpu"`` | ``[tensorrt, cuda, cpu]`` -> ``"auto"`` or a checked list."""
     if isinstance(value, str):
         text = value.strip().lower()
@@ -240,7 +240,7 @@ class ModelConfig(_Section):
     id: str
     path: Path
     providers: Annotated[
-        Literal["auto"] | list[ProviderName], BeforeValidator(_normalize_providers)
+        Literal["auto"] | list[ProviderName], BeforeValidator(normalize_providers)
     ] = "auto"
     intra_op_threads: int = Field(
         default=0, ge=0, description="0: auto, every usable core but one (at least one)"

@@ -19,16 +19,19 @@ them through the same :class:`service.inference.OrtModel` the service uses.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
 from service.domain import Detections
+
+if TYPE_CHECKING:
+    from service.inference import InferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -250,72 +253,105 @@ class EvalAccumulator:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Matching:
+    """How predictions are matched to the truth: per-class keypoint sigma for OKS, the OKS
+    a match needs, and the in-view fraction below which a true instance is ignored."""
+
+    sigma: float | Mapping[str, float] = DEFAULT_SIGMA
+    oks_threshold: float = OKS_THRESHOLD
+    min_in_view: float = MIN_IN_VIEW
+
+    def to_dict(self) -> dict[str, Any]:
+        sigma = dict(self.sigma) if isinstance(self.sigma, Mapping) else self.sigma
+        return {"sigma": sigma, "oks_threshold": self.oks_threshold,
+                "min_in_view": self.min_in_view}
+
+
+@dataclass(frozen=True, slots=True)
+class HeldOutFrames:
+    """The sim frames ``start + i * every`` (i < ``frames``) of ``scenario`` / ``seed``,
+    rendered at ``width`` x ``height`` (defaults: outside the shipped model's training
+    and validation seeds)."""
+
+    scenario: str = "conveyor"
+    seed: int = 9000
+    frames: int = 100
+    every: int = 5
+    start: int = 0
+    width: int = 640
+    height: int = 480
+    fps: float = 30.0
+
+    def render(self) -> Iterator[tuple[np.ndarray, Sequence[InstanceLike]]]:
+        """(image, truth instances) of each frame, rendered as they are asked for."""
+        from service.errors import LineWatchError
+        from service.sim import Scene
+
+        if self.frames < 1 or self.every < 1 or self.start < 0:
+            raise LineWatchError("frames and every must be >= 1 and start >= 0.")
+        try:
+            scene = Scene(self.scenario, seed=self.seed, width=self.width, height=self.height,
+                          fps=self.fps)
+        except ValueError as exc:
+            raise LineWatchError(f"Cannot build the evaluation scene: {exc}") from exc
+        for i in range(self.frames):
+            image, truth = scene.render(self.start + i * self.every)
+            yield image, truth.instances
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "seed": self.seed, "start": self.start,
+                "every": self.every, "width": self.width, "height": self.height}
+
+
 def evaluate_frames(
     model: Any,
     frames: Iterable[tuple[np.ndarray, Sequence[InstanceLike]]],
-    sigma: float | Mapping[str, float] = DEFAULT_SIGMA,
-    oks_threshold: float = OKS_THRESHOLD,
-    min_in_view: float = MIN_IN_VIEW,
+    matching: Matching = Matching(),
 ) -> dict[str, Any]:
     """Run (image, truth instances) pairs one at a time through an ``OrtModel``."""
     names = model.info.class_names
     acc = EvalAccumulator(names)
     for image, instances in frames:
         det = model.predict([image])[0]
-        truth = GroundTruth.from_instances(instances, min_in_view, model.info.num_keypoints)
-        result = match_frame(det, truth, names, sigma, oks_threshold)
+        truth = GroundTruth.from_instances(instances, matching.min_in_view,
+                                           model.info.num_keypoints)
+        result = match_frame(det, truth, names, matching.sigma, matching.oks_threshold)
         acc.add(result, truth, model.last_timing.model_ms_per_image)
     return acc.summary()
 
 
+def evaluation_inference(
+    providers: str | list[str] = "auto", threads: int = 1,
+    score_threshold: float | None = None,
+) -> InferenceConfig:
+    """The inference settings ``model eval`` runs a model with: one frame at a time
+    (one instance), ``threads`` threads inside an operator, one across."""
+    from service.inference import InferenceConfig
+
+    return InferenceConfig(providers=providers, intra_op_threads=threads, inter_op_threads=1,
+                           score_threshold=score_threshold, instances=1)
+
+
 def evaluate_model(
     model_path: str | Path,
-    scenario: str = "conveyor",
-    seed: int = 9000,
-    frames: int = 100,
-    *,
-    every: int = 5,
-    start: int = 0,
-    width: int = 640,
-    height: int = 480,
-    fps: float = 30.0,
-    threads: int = 1,
-    providers: str | list[str] = "auto",
-    score_threshold: float | None = None,
-    sigma: float | Mapping[str, float] = DEFAULT_SIGMA,
-    oks_threshold: float = OKS_THRESHOLD,
-    min_in_view: float = MIN_IN_VIEW,
+    held_out: HeldOutFrames = HeldOutFrames(),
+    inference: InferenceConfig | None = None,
+    matching: Matching = Matching(),
 ) -> dict[str, Any]:
-    """Render held-out sim frames ``start + i*every`` and score the model on them."""
-    from service.errors import LineWatchError
-    from service.inference import InferenceConfig, OrtModel
-    from service.sim import Scene
+    """Score the model (run as ``inference`` says, default :func:`evaluation_inference`)
+    on the ``held_out`` sim frames."""
+    from service.inference import OrtModel
 
-    if frames < 1 or every < 1 or start < 0:
-        raise LineWatchError("frames and every must be >= 1 and start >= 0.")
-    config = InferenceConfig(
-        providers=providers, intra_op_threads=threads, inter_op_threads=1,
-        score_threshold=score_threshold, instances=1,  # one frame at a time
-    )
+    config = inference or evaluation_inference()
     model = OrtModel(model_path, config, name="eval")
-    try:
-        scene = Scene(scenario, seed=seed, width=width, height=height, fps=fps)
-    except ValueError as exc:
-        raise LineWatchError(f"Cannot build the evaluation scene: {exc}") from exc
-
-    def rendered() -> Iterable[tuple[np.ndarray, Sequence[InstanceLike]]]:
-        for i in range(frames):
-            image, truth = scene.render(start + i * every)
-            yield image, truth.instances
-
-    report = evaluate_frames(model, rendered(), sigma, oks_threshold, min_in_view)
+    report = evaluate_frames(model, held_out.render(), matching)
     head = {
-        "model": str(model_path), "provider": model.provider, "adapter": model.adapter.name,
-        "scenario": scenario, "seed": seed, "start": start, "every": every,
-        "width": width, "height": height, "threads": threads,
-        "score_threshold": model.adapter.score_threshold, "oks_threshold": oks_threshold,
-        "min_in_view": min_in_view,
-        "sigma": dict(sigma) if isinstance(sigma, Mapping) else sigma,
+        "model": str(model_path), "provider": model.provider,
+        "inference_precision": (model.acceleration or {}).get("precision"),  # OpenVINO
+        "adapter": model.adapter.name, **held_out.to_dict(),
+        "threads": config.intra_op_threads,
+        "score_threshold": model.adapter.score_threshold, **matching.to_dict(),
     }
     return {**report, **head}
 
@@ -327,7 +363,9 @@ def render_report(report: Mapping[str, Any]) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     lines = [
-        f"model {report['model']} on {report['provider']} ({report['threads']} thread(s)), "
+        f"model {report['model']} on {report['provider']}"
+        + (f" {report['inference_precision']}" if report.get("inference_precision") else "")
+        + f" ({report['threads']} thread(s)), "
         f"scenario {report['scenario']} seed {report['seed']}: {report['frames']} frames, "
         f"{report['instances']} instances >= {report['min_in_view']:.0%} in view",
         f"recall {num(report['recall'])}  precision {num(report['precision'])}  "

@@ -30,6 +30,7 @@ from service.errors import ConfigError, SourceError
 from service.inference.adapter_config import AdapterSpec, parse_adapter_spec
 from service.inference.config import InferenceConfig
 from service.inference.runner import Predictor
+from service.overrides import NO_OVERRIDE, RuntimeOverride
 
 if TYPE_CHECKING:
     from service.config import Config, ModelConfig
@@ -88,13 +89,16 @@ def prepare(
     score_threshold: float | None = None,
     adapter: str | None = None,
     camera: str | None = None,
+    *,
+    runtime: RuntimeOverride = NO_OVERRIDE,
 ) -> PredictSetup:
     """The model as ``predict`` runs it: CLI options over the config entry's settings.
 
     With a config, the entry is loaded by the real config loader (so the file is
     checked as ``linewatch serve`` checks it) and its detector, if its ROIs name one,
     is loaded too; with per-camera ROIs and no ``camera``, the first camera that runs
-    the model is used.
+    the model is used.  ``runtime`` (``--providers``, ``--precision``) applies to the
+    model, not to its detector.
     """
     if config is None:
         if model is None:
@@ -106,7 +110,8 @@ def prepare(
                 f"--adapter {adapter}: {exc.errors()[0]['msg']}. Adapters that need settings "
                 "(regression: an output spec; fixed ROIs) need a config entry (--config)."
             ) from exc
-        inference = InferenceConfig(warmup_runs=0, score_threshold=score_threshold)
+        inference = runtime.apply(
+            InferenceConfig(warmup_runs=0, score_threshold=score_threshold))
         return PredictSetup(Predictor(model, inference, settings), camera, None)
     from service.app import load_predictors
     from service.config import load_config
@@ -121,7 +126,7 @@ def prepare(
         update["score_threshold"] = score_threshold
     if adapter is not None:
         update["adapter"] = _forced(mod.adapter, adapter, where)
-    entry = mod.model_copy(update=update)
+    entry = runtime.apply(mod.model_copy(update=update))
     models = [entry if m.id == mod.id else m.model_copy(update={"warmup_runs": 0})
               for m in cfg.models]
     cfg = cfg.model_copy(update={"models": models})

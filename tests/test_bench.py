@@ -163,6 +163,21 @@ def test_a_bench_on_openvino_also_loops_onnxruntime(config_file: Path) -> None:
 
 
 @pytest.mark.slow
+def test_bench_cli_runs_the_model_on_the_providers_given(config_file: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    args = ["bench", "--config", str(config_file), "--seconds", "1", "--json"]
+    result = CliRunner().invoke(app, [*args, "--providers", "openvino,cpu",
+                                      "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["provider"] == "OpenVINO" and data["onnxruntime_raw_fps"] > 0
+    has_bf16 = {"avx512_bf16", "amx_bf16"} & set(data["machine"]["cpu_flags"])
+    assert data["precision"] == ("bf16" if has_bf16 else "f32")  # f32 where the CPU lacks it
+    refused = CliRunner().invoke(app, [*args, "--precision", "bf16"])
+    assert refused.exit_code == 2 and "add --providers openvino,cpu" in refused.output
+
+
+@pytest.mark.slow
 def test_a_live_bench_reads_the_sources_during_the_run(config_file: Path) -> None:
     result = run_bench(config_file, seconds=1.0, warmup_s=0.3, raw_seconds=0.3, replay_frames=0)
     assert result["sources"] == "live" and result["capture_ms_per_frame"] is None

@@ -206,6 +206,29 @@ def test_model_eval_cli_on_sim_frames_with_an_oracle_model(tmp_path: Path) -> No
     assert report["threads"] == 1 and report["frames"] == 1
 
 
+def test_model_eval_cli_runs_the_model_on_the_runtime_given(tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from service.sim import Scene
+
+    _, truth = Scene("conveyor", seed=7).render(0)
+    rows = oracle_rows(list(truth.instances), Transform(0.5, 0.5, 0, 0, 640, 480))  # type: ignore[arg-type]
+    path = build_model(tmp_path / "oracle.onnx", rows, num_rows=max(8, len(rows)))
+    args = ["model", "eval", "--model", str(path), "--seed", "7", "--frames", "1",
+            "--every", "1"]
+    result = runner.invoke(app, [*args, "--providers", "openvino,cpu", "--precision", "f32",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["provider"] == "OpenVINO" and report["inference_precision"] == "f32"
+    assert report["recall"] == 1.0 and report["kpt_err_px_p95"] < 1e-3
+    text = runner.invoke(app, [*args, "--providers", "openvino,cpu"])
+    assert text.exit_code == 0 and " on OpenVINO f32 (1 thread(s))" in text.stdout
+    plain = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert plain["provider"] == "CPUExecutionProvider" and plain["inference_precision"] is None
+    refused = runner.invoke(app, [*args, "--precision", "bf16"])
+    assert refused.exit_code == 2 and "add --providers openvino,cpu" in refused.stderr
+
+
 def test_model_eval_cli_counts_misses_of_a_blind_model(tmp_path: Path) -> None:
     path = build_model(tmp_path / "blind.onnx")
     result = runner.invoke(app, ["model", "eval", "--model", str(path), "--seed", "3",

@@ -92,8 +92,8 @@ cameras:
     runner = CliRunner()
     res = runner.invoke(app, ["predict", "--config", str(cfg), str(IMAGE)])
     assert res.exit_code == 0, res.output
-    assert "(config entry 'movenet'): adapter regression (forced by config (adapter: " \
-           "regression); output StatefulPartitionedCall:0" in res.stderr
+    assert "(config entry 'movenet') on CPUExecutionProvider: adapter regression (forced by " \
+           "config (adapter: regression); output StatefulPartitionedCall:0" in res.stderr
     assert "ROIs of camera 'cam-2'" in res.stderr  # the first camera that runs the model
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(record["instances"]) == 2  # cam-2 has two ROIs
@@ -108,3 +108,25 @@ cameras:
     res = runner.invoke(app, ["predict", "--config", str(cfg), "--adapter", "simcc", str(IMAGE)])
     assert res.exit_code == 2
     assert "does not fit the configured adapter 'simcc'" in res.output
+
+
+@pytest.mark.skipif(not MOVENET.exists() or not IMAGE.exists(),
+                    reason="../shared/data (MoveNet, COCO sample) is absent")
+def test_predict_runs_the_config_entry_on_the_providers_given(tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(CONFIG.format(model=MOVENET))
+    runner = CliRunner()
+    base = ["predict", "--config", str(cfg), "--camera", "cam-1", str(IMAGE)]
+    on_ort = runner.invoke(app, base)
+    on_ov = runner.invoke(app, [*base, "--providers", "openvino,cpu", "--precision", "f32"])
+    assert on_ov.exit_code == 0, on_ov.output
+    assert "(config entry 'movenet') on OpenVINO f32: adapter regression" in on_ov.stderr
+    (ort,) = json.loads(on_ort.stdout.strip().splitlines()[-1])["instances"]
+    (ov,) = json.loads(on_ov.stdout.strip().splitlines()[-1])["instances"]
+    assert ov["box"] == ort["box"]  # the entry's ROI, the entry's adapter
+    for name, (x, y, _) in ort["keypoints"].items():
+        assert ov["keypoints"][name][:2] == pytest.approx([x, y], abs=0.01), name
+    refused = runner.invoke(app, [*base, "--precision", "bf16"])
+    assert refused.exit_code == 2
+    assert "this model runs on auto: add --providers openvino,cpu" in refused.stderr
