@@ -29,7 +29,7 @@ from service.inference.inputs import (
     ultralytics_letterbox,
 )
 from service.inference.metadata import ModelInfo, read_model_info
-from service.inference.preprocess import Transform, make_batch
+from service.inference.preprocess import BatchBuffers, Transform, converted, make_batch
 
 DEFAULT_SCORE_THRESHOLD = 0.5
 # Said when a model is refused: what needs config rather than metadata.
@@ -78,6 +78,7 @@ class Adapter(ABC):
         self.max_detections = max_detections
         self.settings = settings or AdapterConfig()
         self.normalizer = normalizer
+        self.buffers = BatchBuffers()  # batches given back by the model once it ran them
 
     @property
     def num_keypoints(self) -> int:
@@ -104,14 +105,14 @@ class Adapter(ABC):
     ) -> tuple[dict[str, np.ndarray], list[Transform]]:
         """Images (HxWx3 uint8 BGR) -> session feeds and one transform per image."""
         if self.normalizer is None:
-            batch, transforms = make_batch(images, self.info.input)
+            batch, transforms = make_batch(images, self.info.input, self.buffers)
             return {self.info.input.name: batch}, transforms
         fitted, transforms = make_batch(images, dataclasses.replace(
             self.info.input, layout="NHWC", color="BGR", dtype="uint8", normalization="in-graph"
-        ))
-        return {self.info.input.name: to_model_input(fitted, self.info.input, self.normalizer)}, (
-            transforms
-        )
+        ), self.buffers)
+        feed = converted(fitted, to_model_input(fitted, self.info.input, self.normalizer),
+                         self.buffers)
+        return {self.info.input.name: feed}, transforms
 
     @abstractmethod
     def postprocess(
@@ -225,7 +226,7 @@ class End2EndAdapter(Adapter):
         self, images: Sequence[ImageArray]
     ) -> tuple[dict[str, np.ndarray], list[Transform]]:
         if is_ultralytics_export(self.info) and self.info.input.resize == "letterbox":
-            return ultralytics_preprocess(images, self.info, self.normalizer)
+            return ultralytics_preprocess(images, self.info, self.normalizer, self.buffers)
         return super().preprocess(images)
 
     def postprocess(
@@ -345,7 +346,7 @@ class UltralyticsPoseAdapter(Adapter):
     ) -> tuple[dict[str, np.ndarray], list[Transform]]:
         if self.info.input.resize == "stretch":  # forced by config
             return super().preprocess(images)
-        return ultralytics_preprocess(images, self.info, self.normalizer)
+        return ultralytics_preprocess(images, self.info, self.normalizer, self.buffers)
 
     def postprocess(
         self, outputs: Sequence[np.ndarray], transforms: Sequence[Transform]
@@ -380,16 +381,20 @@ def clip_to_frame(det: Detections, width: int, height: int) -> Detections:
 
 
 def ultralytics_preprocess(
-    images: Sequence[ImageArray], info: ModelInfo, normalizer: Normalizer | None
+    images: Sequence[ImageArray], info: ModelInfo, normalizer: Normalizer | None,
+    buffers: BatchBuffers | None = None,
 ) -> tuple[dict[str, np.ndarray], list[Transform]]:
-    """Letterbox as Ultralytics does (bilinear, centred) and convert to the input tensor."""
+    """Letterbox as Ultralytics does (bilinear, centred) and convert to the input tensor
+    (its arrays taken from ``buffers`` when given)."""
     spec = info.input
-    batch = np.empty((len(images), spec.height, spec.width, 3), np.uint8)
+    shape = (len(images), spec.height, spec.width, 3)
+    batch = np.empty(shape, np.uint8) if buffers is None else buffers.take(shape, np.uint8)
     transforms = [
         ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value, batch[i])[1]
         for i, im in enumerate(images)
     ]
-    return {spec.name: to_model_input(batch, spec, normalizer)}, transforms
+    feed = converted(batch, to_model_input(batch, spec, normalizer, buffers), buffers)
+    return {spec.name: feed}, transforms
 
 
 def adapter_by_kind(kind: str) -> type[Adapter]:

@@ -17,7 +17,7 @@ import numpy as np
 from service.domain import ImageArray
 from service.inference.adapter_config import InputOverride
 from service.inference.metadata import InputSpec, ModelInfo, dtype_of
-from service.inference.preprocess import Transform, paste, to_layout
+from service.inference.preprocess import BatchBuffers, Transform, paste, to_layout
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,11 +55,13 @@ def apply_input_override(
 
 
 def to_model_input(
-    batch: np.ndarray, spec: InputSpec, normalizer: Normalizer | None = None
+    batch: np.ndarray, spec: InputSpec, normalizer: Normalizer | None = None,
+    buffers: BatchBuffers | None = None,
 ) -> np.ndarray:
-    """(B, H, W, 3) uint8 BGR -> the model's input tensor."""
+    """(B, H, W, 3) uint8 BGR -> the model's input tensor (a planar float batch from
+    ``buffers`` when given and there is no mean/std step)."""
     if normalizer is None:
-        return to_layout(batch, spec)
+        return to_layout(batch, spec, buffers)
     x = batch[..., ::-1] if spec.color == "RGB" else batch
     mean = np.asarray(normalizer.mean, np.float32)
     inv_std = 1.0 / np.asarray(normalizer.std, np.float32)

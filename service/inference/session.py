@@ -698,6 +698,7 @@ class OrtModel:
         if not prepared.transforms:
             return Inferred(prepared, [], 0.0, 0)
         outputs, model_s, runs = self._run(prepared.feeds, len(prepared.transforms))
+        self.adapter.buffers.give(prepared.feeds.values())  # run: the batch may be reused
         return Inferred(prepared, outputs, model_s, runs)
 
     def _observed(

@@ -5,6 +5,7 @@ import pytest
 
 from service.inference.metadata import InputSpec
 from service.inference.preprocess import (
+    BatchBuffers,
     Transform,
     letterbox,
     make_batch,
@@ -162,3 +163,41 @@ def test_paste_fills_exactly_the_border_with_the_pad_value() -> None:
     inside = np.zeros((7, 9), bool)
     inside[2:5, 3:7] = True
     assert (canvas[inside] == 200).all() and (canvas[~inside] == 114).all()
+
+
+def test_batch_buffers_lend_each_array_once_and_reuse_what_is_given_back() -> None:
+    buffers = BatchBuffers(keep=2)
+    a = buffers.take((2, 4, 4, 3), np.uint8)
+    b = buffers.take((2, 4, 4, 3), np.uint8)
+    assert a is not b and buffers.lent == 2  # two batches in flight never share memory
+    buffers.give([a])
+    assert buffers.take((2, 4, 4, 3), np.uint8) is a
+    assert buffers.take((2, 4, 4, 3), np.float32) is not a  # another dtype, another array
+    assert buffers.take((1, 4, 4, 3), np.uint8).shape == (1, 4, 4, 3)
+
+
+def test_batch_buffers_ignore_arrays_they_did_not_lend() -> None:
+    buffers = BatchBuffers()
+    mine = buffers.take((3,), np.float32)
+    foreign = np.empty((3,), np.float32)
+    buffers.give([foreign, mine[:2]])  # a caller's array, a view of a lent one
+    assert buffers.take((3,), np.float32) is not foreign
+    buffers.give([mine, mine])  # given twice: kept once
+    assert buffers.take((3,), np.float32) is mine
+    assert buffers.take((3,), np.float32) is not mine
+
+
+def test_batch_buffers_forget_dropped_arrays_and_keep_a_bounded_number() -> None:
+    import gc
+
+    buffers = BatchBuffers(keep=2)
+    taken = [buffers.take((8,), np.uint8) for _ in range(5)]
+    assert buffers.lent == 5
+    buffers.give(taken[:4])
+    given = taken[:4]
+    del taken
+    gc.collect()
+    assert buffers.lent == 0  # the one never given back was freed and forgotten
+    again = [buffers.take((8,), np.uint8) for _ in range(3)]
+    assert buffers.lent == 3
+    assert sum(any(a is g for g in given) for a in again) == 2  # two of the four kept

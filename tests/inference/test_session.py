@@ -67,6 +67,38 @@ def test_fixed_batch_runs_in_chunks_and_keeps_order(
     np.testing.assert_allclose([(d.boxes[0, 0] + 0.5) / 2 - 0.5 for d in dets], values, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["NHWC-uint8", "NCHW-float32"])
+def test_batches_in_flight_keep_their_own_memory_and_a_run_batch_is_reused(
+    model_factory: ModelFactory, layout: str
+) -> None:
+    from onnx import TensorProto
+
+    options: dict[str, Any] = {}
+    if layout == "NCHW-float32":
+        options = {"layout": "NCHW", "dtype": TensorProto.FLOAT, "metadata": {
+            "input_layout": "NCHW", "input_dtype": "float32", "input_color": "RGB",
+            "normalization": "unit"}}
+    path = model_factory(rows=np.stack([make_row((0, 0, 10, 10), 0.9, 0)]), echo=True,
+                         **options)
+    model = OrtModel(path, InferenceConfig(intra_op_threads=1, warmup_runs=1))
+    first = model.prepare([frame(40), frame(60)])
+    second = model.prepare([frame(90), frame(120)])  # prepared while the first waits
+    (feed1,), (feed2,) = first.feeds.values(), second.feeds.values()
+    assert feed1 is not feed2
+    scale = 255.0 if layout == "NCHW-float32" else 1.0
+    assert feed1.mean() * scale == pytest.approx(50, abs=0.01)  # untouched by the second
+    dets = model.finish(model.infer(first)) + model.finish(model.infer(second))
+    x1 = [((d.boxes[0, 0] + 0.5) / 2 - 0.5) * scale for d in dets]
+    tolerance = 0.05 if layout == "NCHW-float32" else 1e-3  # x / 255 in float32, times 255
+    np.testing.assert_allclose(x1, [40, 60, 90, 120], atol=tolerance)
+    assert model.adapter.buffers.lent == 0  # both given back once run
+    third = model.prepare([frame(7), frame(7)])
+    feed3 = next(iter(third.feeds.values()))
+    assert feed3 is feed1 or feed3 is feed2  # no new 2-frame batch
+    (det, _) = model.finish(model.infer(third))
+    assert ((det.boxes[0, 0] + 0.5) / 2 - 0.5) * scale == pytest.approx(7, abs=tolerance)
+
+
 def test_prepare_infer_finish_is_predict_in_three_steps(model_factory: ModelFactory) -> None:
     path = model_factory(rows=np.stack([make_row((0, 0, 10, 10), 0.9, 0)]), echo=True)
     model = OrtModel(path, InferenceConfig(intra_op_threads=1, warmup_runs=1))
