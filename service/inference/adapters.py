@@ -10,11 +10,12 @@ from its :class:`ModelInfo`: metadata and output shapes), prepares images for it
 from __future__ import annotations
 
 import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
 from service.inference.decoders import decode_ultralytics_pose
+from service.inference.gpu import TOP_CANDIDATES_KEY
 from service.inference.inputs import (
     Normalizer,
     apply_input_override,
@@ -30,6 +32,8 @@ from service.inference.inputs import (
 )
 from service.inference.metadata import ModelInfo, read_model_info
 from service.inference.preprocess import BatchBuffers, Transform, converted, make_batch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SCORE_THRESHOLD = 0.5
 # Said when a model is refused: what needs config rather than metadata.
@@ -335,6 +339,25 @@ class UltralyticsPoseAdapter(Adapter):
             True, f"output {out.describe()} = [B, 4 + {nc} classes + {k}*{d} keypoints, anchors]"
         )
 
+    def __init__(self, info: ModelInfo, *args: Any, **kwargs: Any) -> None:
+        super().__init__(info, *args, **kwargs)
+        # the device keeps each image's best anchors only (gpu.max_candidates)
+        self._candidates_only = TOP_CANDIDATES_KEY in info.metadata
+        self._warned_full = False
+
+    def _check_candidates(self, last: np.ndarray) -> None:
+        """Warn (once) when an image's last kept anchor still scores above the threshold:
+        anchors beyond the ones kept may have, and NMS did not see them."""
+        if last.size and float(last.max()) > self.score_threshold:
+            self._warned_full = True
+            log.warning(
+                "model output %s: an image has more anchors scoring above %.3g than the %s "
+                "kept on the device; NMS saw only those, so instances may be missing. Raise "
+                "gpu.max_candidates (0: every anchor) or the score threshold.",
+                self.info.outputs[0].name, self.score_threshold,
+                self.info.metadata[TOP_CANDIDATES_KEY],
+            )
+
     @property
     def num_classes(self) -> int:
         k, d = self.info.kpt_shape or (0, 3)
@@ -356,6 +379,8 @@ class UltralyticsPoseAdapter(Adapter):
         nc = self.num_classes
         nms = self.settings.nms
         max_det = min(nms.max_det, self.max_detections or nms.max_det)
+        if self._candidates_only and not self._warned_full:
+            self._check_candidates(out[:len(transforms), 4:4 + nc, -1])
         result = []
         for b, t in enumerate(transforms):
             dec = decode_ultralytics_pose(

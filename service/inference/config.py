@@ -51,6 +51,13 @@ class GpuConfig(BaseModel):
         default=False, description="Capture the model as a CUDA graph and replay it (less "
         "launch overhead). Needs a model with a fixed batch size and IO binding."
     )
+    max_candidates: int = Field(
+        default=1000, ge=0, le=100_000, description="A raw Ultralytics output (YOLO at 640: "
+        "8400 anchors an image): the device keeps each image's best anchors, this many, so "
+        "that only those come back to the CPU and go through NMS. The same instances as "
+        "with every anchor while fewer anchors than this score above the threshold (the log "
+        "warns when an image has more). 0: every anchor."
+    )
     device_id: int = Field(default=0, ge=0, description="Which GPU (CUDA device index).")
     workspace_gb: float = Field(
         default=4.0, gt=0.0, le=1024.0, description="TensorRT builder workspace limit."

@@ -180,6 +180,7 @@ class DeviceSetup:
     engine_cache_dir: Path | None  # this model's TensorRT cache directory
     profile_max_batch: int | None  # TensorRT's optimisation profile for a dynamic batch
     notes: tuple[str, ...] = ()  # why something asked for is off
+    candidates: int | None = None  # anchors per image kept on the device (Ultralytics raw)
 
     def describe(self) -> str:
         def on(flag: bool) -> str:
@@ -187,6 +188,8 @@ class DeviceSetup:
 
         text = (f"io_binding {on(self.io_binding)}, fp16 {on(self.fp16)}, cuda_graphs "
                 f"{on(self.cuda_graphs)}, uint8 input on the device {on(self.uint8_input)}")
+        if self.candidates is not None:
+            text += f", best {self.candidates} anchors an image chosen on the device"
         if self.engine_cache_dir is not None:
             text += f", engine cache {self.engine_cache_dir}"
         return text + "".join(f"; {n}" for n in self.notes)
@@ -196,7 +199,7 @@ class DeviceSetup:
         return {
             "provider": self.provider, "device_id": self.device_id,
             "uint8_input": self.uint8_input, "io_binding": self.io_binding, "fp16": self.fp16,
-            "cuda_graphs": self.cuda_graphs,
+            "cuda_graphs": self.cuda_graphs, "candidates": self.candidates,
             "engine_cache_dir": str(self.engine_cache_dir) if self.engine_cache_dir else None,
             "notes": list(self.notes),
         }
@@ -245,6 +248,35 @@ def _uint8_graph(path: Path, info: ModelInfo) -> Any:
     spec = info.input
     return uint8_input_model(onnx.load(str(path)), spec.name, bgr_to_rgb=spec.color == "RGB",
                              size=(spec.height, spec.width))
+
+
+def _candidates(info: ModelInfo, wanted: int) -> int | None:
+    """How many anchors an image the device keeps of a raw Ultralytics output (None: the
+    output is not one, has no more anchors than that, or ``wanted`` is 0)."""
+    from service.inference.adapters import UltralyticsPoseAdapter
+
+    if not wanted or not info.outputs or not UltralyticsPoseAdapter.accepts(info).accepted:
+        return None
+    channels, anchors = info.outputs[0].shape[1], info.outputs[0].shape[2]
+    if not isinstance(anchors, int) or not isinstance(channels, int) or anchors <= wanted:
+        return None
+    return max(wanted, channels + 1)  # still more anchors than channels: [B, 4+C+K*D, A]
+
+
+def _device_graph(path: Path, info: ModelInfo, uint8: bool, candidates: int | None) -> Any:
+    """The model file as the device runs it (an ``onnx.ModelProto``): the uint8 NHWC
+    input graph in front, the best ``candidates`` anchors chosen at the end."""
+    import onnx
+
+    from service.inference.gpu import top_candidates_model
+
+    graph = _uint8_graph(path, info) if uint8 else onnx.load(str(path))
+    out = info.outputs[0]
+    channels = out.shape[1]
+    if candidates is not None and isinstance(channels, int):
+        k, d = info.kpt_shape or (0, 3)
+        graph = top_candidates_model(graph, out.name, channels - 4 - k * d, candidates)
+    return graph
 
 
 def _create_session(
@@ -344,10 +376,11 @@ def _open_on_device(
     check_cuda_graphs(info, opts, path.stem)
     notes: list[str] = []
     wrap = opts.uint8_input and _uint8_wrappable(info)
+    candidates = _candidates(info, opts.max_candidates)
     model: str | bytes = str(path)
     model_bytes: Path | bytes = path
-    if wrap:
-        model = model_bytes = _uint8_graph(path, info).SerializeToString()
+    if wrap or candidates is not None:
+        model = model_bytes = _device_graph(path, info, wrap, candidates).SerializeToString()
     graphs = opts.cuda_graphs and graphs_ok
     if graphs:
         dynamic = [t.describe() for t in (*info.inputs, *info.outputs)
@@ -421,7 +454,7 @@ def _open_on_device(
         cuda_graphs=graphs, engine_cache_dir=key_dir if active == g.TENSORRT else None,
         profile_max_batch=(config.max_batch if active == g.TENSORRT and info.dynamic_batch
                            else None),
-        notes=tuple(notes),
+        notes=tuple(notes), candidates=candidates,
     )
     return session, requested, setup
 

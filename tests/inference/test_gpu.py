@@ -26,12 +26,14 @@ from service.errors import ConfigError, ModelError
 from service.inference import InferenceConfig, OrtModel
 from service.inference.adapter_config import AdapterConfig, InputOverride
 from service.inference.config import GpuConfig
+from service.inference.decoders import decode_ultralytics_pose
 from service.inference.gpu import (
     BoundRunner,
     DeviceRunner,
     GraphRunner,
     default_engine_cache_dir,
     open_gpu_session,
+    top_candidates_model,
     uint8_input_model,
 )
 from service.inference.metadata import InputSpec, read_model_info
@@ -102,6 +104,55 @@ def float_pose_model(path: Path, batch: int | str = "batch", h: int = 240, w: in
     return path
 
 
+def raw_pose_model(path: Path, anchors: int = 600, h: int = 320, w: int = 320) -> Path:
+    """A raw Ultralytics YOLO-pose output ``[B, 4 + 1 + K*3, anchors]`` from a float NCHW
+    RGB 0..1 input: six clusters of overlapping boxes (scores 0.9 down to 0.3, one tie)
+    among low-scoring anchors, all boxes shifted by the image's mean red (x) and green
+    (y), so each image decodes differently."""
+    rng = np.random.default_rng(7)
+    rows = 4 + 1 + K * 3
+    block = np.zeros((1, rows, anchors), np.float32)
+    block[0, 0] = rng.uniform(20, w - 20, anchors)  # cx, cy, w, h
+    block[0, 1] = rng.uniform(20, h - 20, anchors)
+    block[0, 2:4] = rng.uniform(8, 30, (2, anchors))
+    block[0, 4] = rng.uniform(0.0, 0.2, anchors)
+    for c, (cx, cy, score) in enumerate([(60, 60, 0.9), (200, 80, 0.8), (100, 220, 0.8),
+                                         (250, 250, 0.6), (160, 160, 0.45), (40, 280, 0.3)]):
+        at = np.arange(c * 50, c * 50 + 12)  # twelve anchors on one object, best first
+        block[0, 0, at], block[0, 1, at] = cx + np.arange(12) * 0.5, cy
+        block[0, 2, at], block[0, 3, at] = 40, 50
+        block[0, 4, at] = score - np.arange(12) * 0.01
+    kx = block[0, 0] + np.arange(K)[:, None] * 3.0
+    block[0, 5::3], block[0, 6::3], block[0, 7::3] = kx, block[0, 1] + 2.0, 0.9
+    shift = np.zeros((3, rows * anchors), np.float32)  # rows 0 and 5, 8, ... move with R
+    for r in (0, *range(5, rows, 3)):
+        shift[0, r * anchors:(r + 1) * anchors] = 10.0
+    shift[1, anchors:2 * anchors] = 10.0  # cy moves with G
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["m", "shift"], ["s"]),
+        helper.make_node("Reshape", ["s", "shape"], ["s3"]),
+        helper.make_node("Add", ["s3", "block"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "raw_pose",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, h, w])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", rows, anchors])],
+        initializer=[numpy_helper.from_array(block, "block"),
+                     numpy_helper.from_array(shift, "shift"),
+                     numpy_helper.from_array(np.array([-1, rows, anchors], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {
+        "author": "Ultralytics", "task": "pose", "kpt_shape": f"[{K}, 3]",
+        "names": "{0: 'part'}", "imgsz": f"[{h}, {w}]", "stride": "32",
+    })
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def frames(n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     sizes = [(480, 640), (240, 320), (300, 500), (720, 1280)]
@@ -160,6 +211,82 @@ def test_uint8_wrapper_metadata_says_what_the_graph_now_takes(tmp_path: Path) ->
     assert (spec.height, spec.width) == (240, 320)
     with pytest.raises(ModelError, match="float NCHW"):
         uint8_input_model(onnx.load(str(wrapped)))  # already uint8 NHWC
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_top_candidates_keep_each_images_best_anchors_in_score_order(
+    tmp_path: Path, opset: int
+) -> None:
+    path = raw_pose_model(tmp_path / "raw.onnx", anchors=600)
+    model = onnx.load(str(path))
+    model.opset_import[0].version = opset  # ReduceMax takes its axes as an input from 18
+    if opset >= 18:
+        for node in model.graph.node:
+            if node.op_type == "ReduceMean":
+                del node.attribute[:]
+                node.input.append("axes23")
+                node.attribute.append(helper.make_attribute("keepdims", 0))
+        model.graph.initializer.append(numpy_helper.from_array(np.array([2, 3]), "axes23"))
+    top = top_candidates_model(model, "output0", 1, 100)
+    assert [d.dim_value or d.dim_param for d in top.graph.output[0].type.tensor_type.shape.dim
+            ] == ["batch", 4 + 1 + K * 3, 100]
+    x = np.stack([np.full((3, 320, 320), v, np.float32) for v in (0.1, 0.5)])
+    full = ort.InferenceSession(model.SerializeToString(), providers=[CPU]).run(
+        None, {"images": x})[0]
+    kept = ort.InferenceSession(top.SerializeToString(), providers=[CPU]).run(
+        None, {"images": x})[0]
+    for b in range(2):
+        order = np.argsort(-full[b, 4], kind="stable")[:100]  # ties: lower anchor first
+        np.testing.assert_array_equal(kept[b], full[b][:, order])
+    for b in range(2):  # the same instances from 100 anchors as from all 600
+        for threshold in (0.25, 0.201):  # the background scores up to 0.2
+            want = decode_ultralytics_pose(full[b], 1, (K, 3), threshold, 0.7)
+            got = decode_ultralytics_pose(kept[b], 1, (K, 3), threshold, 0.7)
+            assert len(want.boxes) >= 6
+            np.testing.assert_array_equal(got.boxes, want.boxes)
+            np.testing.assert_array_equal(got.keypoints, want.keypoints)
+
+
+def test_top_candidates_refuse_an_output_that_is_not_raw_ultralytics(tmp_path: Path) -> None:
+    model = onnx.load(str(float_pose_model(tmp_path / "e2e.onnx")))
+    with pytest.raises(ModelError, match="no output 'output0'"):
+        top_candidates_model(model, "output0", 1, 100)
+    flat = onnx.load(str(float_model(tmp_path / "f.onnx")))
+    with pytest.raises(ModelError, match=r"must be \[B, 4 \+ C \+ K\*D, A\]"):
+        top_candidates_model(flat, "out", 1, 100)
+
+
+def test_fast_path_chooses_the_best_anchors_on_the_device(
+    tmp_path: Path, fast_path_on_cpu: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = raw_pose_model(tmp_path / "raw.onnx", anchors=600)
+    images = frames(4)
+    config = InferenceConfig(warmup_runs=1, score_threshold=0.25,
+                             gpu=GpuConfig(max_candidates=100))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
+        plain = OrtModel(path, config)
+        ref = plain.predict(images)
+    with caplog.at_level(logging.INFO):
+        model = OrtModel(path, config)
+    assert plain.info.outputs[0].shape[2] == 600 and model.info.outputs[0].shape[2] == 100
+    assert model.adapter.name == "ultralytics"
+    assert model.device_setup is not None and model.device_setup.candidates == 100
+    assert "best 100 anchors an image chosen on the device" in caplog.text
+    assert model.acceleration is not None and model.acceleration["candidates"] == 100
+    got = model.predict(images)
+    assert all(len(d) >= 5 for d in ref)
+    assert_same(got, ref)  # the uint8 graph sums in another order: within 0.02 px
+    assert "NMS saw only those" not in caplog.text
+    low = OrtModel(path, config.model_copy(update={"score_threshold": 0.001}))
+    with caplog.at_level(logging.WARNING):
+        low.predict(images)
+        low.predict(images)
+    assert caplog.text.count("more anchors scoring above 0.001 than the 100 of 600") == 1
+    every = OrtModel(path, config.model_copy(update={"gpu": GpuConfig(max_candidates=0)}))
+    assert every.device_setup is not None and every.device_setup.candidates is None
+    assert every.info.outputs[0].shape[2] == 600
+    assert_same(every.predict(images), ref)
 
 
 def test_bound_and_graph_runners_on_cpu_equal_session_run(tmp_path: Path) -> None:
