@@ -398,10 +398,9 @@ class UltralyticsPoseAdapter(Adapter):
 
 def clip_to_frame(det: Detections, width: int, height: int) -> Detections:
     """Clip boxes and keypoints (in place) to the frame, as Ultralytics' scale_* do."""
-    det.boxes[:, 0::2] = np.clip(det.boxes[:, 0::2], -0.5, width - 0.5)
-    det.boxes[:, 1::2] = np.clip(det.boxes[:, 1::2], -0.5, height - 0.5)
-    det.keypoints[..., 0] = np.clip(det.keypoints[..., 0], -0.5, width - 0.5)
-    det.keypoints[..., 1] = np.clip(det.keypoints[..., 1], -0.5, height - 0.5)
+    for values, limit in ((det.boxes[:, 0::2], width), (det.boxes[:, 1::2], height),
+                          (det.keypoints[..., 0], width), (det.keypoints[..., 1], height)):
+        np.minimum(np.maximum(values, -0.5, out=values), limit - 0.5, out=values)
     return det
 
 

@@ -37,17 +37,33 @@ Refine = Literal["dark", "quadratic", "none"]
 # --- NMS and Ultralytics raw pose --------------------------------------------------------
 
 
+# Up to this many boxes NMS computes every pair's IoU at once (a few numpy calls) and then
+# only walks a boolean matrix; above it (a low threshold on a raw output), one row at a time.
+PAIRWISE_NMS_MAX = 512
+
+
 def box_iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one ``(4,)`` xyxy box with ``(N, 4)`` boxes (areas as in torchvision)."""
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return _iou(box[None, :], boxes)[0]
+
+
+def box_iou_pairs(boxes: np.ndarray) -> np.ndarray:
+    """``(N, N)`` IoU of every pair of ``(N, 4)`` xyxy boxes (the values of
+    :func:`box_iou_one`, row by row)."""
+    return _iou(boxes, boxes)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(M, N)`` IoU of ``(M, 4)`` and ``(N, 4)`` xyxy boxes (0 where the union is 0)."""
+    a4, b4 = a[:, None, :], b[None, :, :]
+    w = np.maximum(np.minimum(a4[..., 2], b4[..., 2]) - np.maximum(a4[..., 0], b4[..., 0]), 0)
+    h = np.maximum(np.minimum(a4[..., 3], b4[..., 3]) - np.maximum(a4[..., 1], b4[..., 1]), 0)
+    inter = w * h
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    positive = union > 0
+    return np.where(positive, inter / np.where(positive, union, 1.0), 0.0)
 
 
 def nms(
@@ -69,8 +85,10 @@ def nms(
     if class_ids is not None:
         b = b + (np.asarray(class_ids, np.float64).reshape(-1, 1) * MAX_WH)
     order = np.argsort(-s, kind="stable")
-    keep: list[int] = []
     limit = max_det if max_det is not None else b.shape[0]
+    if b.shape[0] <= PAIRWISE_NMS_MAX:
+        return _nms_pairwise(b[order], limit, iou_threshold, order)
+    keep: list[int] = []
     while order.size and len(keep) < limit:
         i = int(order[0])
         keep.append(i)
@@ -79,6 +97,23 @@ def nms(
         rest = order[1:]
         order = rest[box_iou_one(b[i], b[rest]) <= iou_threshold]
     return np.asarray(keep, np.int64)
+
+
+def _nms_pairwise(
+    ranked: np.ndarray, limit: int, iou_threshold: float, order: np.ndarray
+) -> IntArray:
+    """Greedy NMS over boxes already sorted best first, from their IoU matrix."""
+    suppresses = box_iou_pairs(ranked) > iou_threshold
+    alive = np.ones(ranked.shape[0], bool)
+    keep: list[int] = []
+    for i in range(ranked.shape[0]):
+        if not alive[i]:
+            continue
+        keep.append(i)
+        if len(keep) >= limit:
+            break
+        alive &= ~suppresses[i]
+    return order[np.asarray(keep, np.int64)].astype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)

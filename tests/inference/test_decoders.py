@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from service.inference.decoders import (
+    PAIRWISE_NMS_MAX,
+    box_iou_one,
+    box_iou_pairs,
     decode_heatmaps,
     decode_regression,
     decode_simcc,
@@ -34,14 +37,38 @@ def brute_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
     return keep
 
 
+@pytest.mark.parametrize("n", [150, PAIRWISE_NMS_MAX + 200])  # the IoU matrix; row by row
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_nms_matches_brute_force(seed: int) -> None:
+def test_nms_matches_brute_force(seed: int, n: int) -> None:
     rng = np.random.default_rng(seed)
-    xy = rng.uniform(0, 200, (150, 2))
-    wh = rng.uniform(10, 80, (150, 2))
+    xy = rng.uniform(0, 200, (n, 2))
+    wh = rng.uniform(10, 80, (n, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1)
-    scores = rng.uniform(0, 1, 150)
+    scores = rng.uniform(0, 1, n)
+    scores[::7] = 0.5  # ties: the lower index first
+    boxes[5] = boxes[4]  # identical boxes
     assert nms(boxes, scores, 0.5).tolist() == brute_nms(boxes, scores, 0.5)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_nms_on_the_iou_matrix_equals_nms_row_by_row(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.inference.decoders as decoders
+
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 100, (300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (300, 2))], axis=1)
+    scores = rng.uniform(0, 1, 300).round(2)  # many ties
+    classes = rng.integers(0, 3, 300)
+    for iou, cls, cap in [(0.5, None, None), (0.3, classes, None), (0.7, classes, 20)]:
+        matrix = nms(boxes, scores, iou, cls, cap)
+        monkeypatch.setattr(decoders, "PAIRWISE_NMS_MAX", 0)
+        rows = nms(boxes, scores, iou, cls, cap)
+        monkeypatch.undo()
+        assert matrix.tolist() == rows.tolist() and matrix.dtype == rows.dtype
+        assert len(matrix) == (cap or len(matrix))
+    np.testing.assert_array_equal(box_iou_pairs(boxes[:9])[4], box_iou_one(boxes[4], boxes[:9]))
 
 
 def test_nms_is_class_aware_and_capped() -> None:
