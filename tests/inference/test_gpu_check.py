@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,3 +54,33 @@ def test_without_a_gpu_it_fails_at_once_and_says_why(tmp_path: Path) -> None:
 def test_unknown_option_is_refused() -> None:
     res = run("--gpu-only", timeout=30)
     assert res.returncode == 64 and "unknown option --gpu-only" in res.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_ceiling_runs_a_stand_in_that_answers_what_the_device_graph_did(
+    tmp_path: Path,
+) -> None:
+    import cv2
+    import numpy as np
+
+    from tests.inference.test_gpu import raw_pose_model
+
+    model = raw_pose_model(tmp_path / "raw.onnx", anchors=600)
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (320, 240))
+    for i in range(40):
+        writer.write(np.full((240, 320, 3), (20 + i, 90, 160), np.uint8))
+    writer.release()
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/pipeline-ceiling"), str(model), str(clip),
+         "--cameras", "1,2", "--seconds", "1", "--candidates", "100",
+         "--linewatch", str(Path(sys.executable).parent / "linewatch")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = json.loads(res.stdout)
+    assert table["stand_in"]["output"] == [4 + 1 + 5 * 3, 100]  # the device's best 100 anchors
+    assert [r["cameras"] for r in table["runs"]] == [1, 2]
+    for row in table["runs"]:
+        assert row["fps"] > 0 and row["frames_dropped"] == 0
+    assert table["runs"][1]["batch"] == 2
