@@ -22,7 +22,7 @@ import numpy as np
 from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
-from service.inference.decoders import decode_ultralytics_pose
+from service.inference.decoders import Decoded, decode_ultralytics_pose
 from service.inference.gpu import TOP_CANDIDATES_KEY
 from service.inference.inputs import (
     Normalizer,
@@ -381,19 +381,49 @@ class UltralyticsPoseAdapter(Adapter):
         max_det = min(nms.max_det, self.max_detections or nms.max_det)
         if self._candidates_only and not self._warned_full:
             self._check_candidates(out[:len(transforms), 4:4 + nc, -1])
-        result = []
-        for b, t in enumerate(transforms):
-            dec = decode_ultralytics_pose(
+        decoded = [
+            decode_ultralytics_pose(
                 out[b], nc, kpt_shape, self.score_threshold, nms.iou, max_det, nms.agnostic
             )
-            n, k = dec.boxes.shape[0], kpt_shape[0]
-            boxes = t.to_source(dec.boxes.reshape(n, 2, 2) - 0.5).reshape(n, 4)
-            keypoints = dec.keypoints.copy()
-            if k:
-                keypoints[..., 0:2] = t.to_source(dec.keypoints[..., 0:2] - 0.5)
-            det = Detections(boxes, dec.scores, dec.class_ids, keypoints)
-            result.append(clip_to_frame(det, t.src_width, t.src_height))
-        return result
+            for b in range(len(transforms))
+        ]
+        return ultralytics_in_frames(decoded, transforms)
+
+
+def ultralytics_in_frames(
+    decoded: Sequence[Decoded], transforms: Sequence[Transform]
+) -> list[Detections]:
+    """Each image's instances (model-input pixels, Ultralytics' edge convention) in its
+    frame's pixels (centre convention), clipped to the frame as Ultralytics' ``scale_*``
+    clip: the whole batch in one pass (the values of mapping each image with its
+    :meth:`Transform.to_source` and :func:`clip_to_frame`)."""
+    counts = [d.boxes.shape[0] for d in decoded]
+    if not sum(counts):
+        return [Detections.empty(d.keypoints.shape[1]) for d in decoded]
+    per_image = np.array([(t.scale_x, t.scale_y, t.pad_x, t.pad_y, t.src_width, t.src_height)
+                          for t in transforms], np.float64)
+    rows = np.repeat(per_image, counts, axis=0)[:, None, :]  # (N, 1, 6)
+    scale, pad, limit = rows[..., 0:2], rows[..., 2:4], rows[..., 4:6] - 0.5
+
+    def to_frame(xy_edge: np.ndarray) -> np.ndarray:  # (N, M, 2) float32
+        p = (xy_edge - np.float32(0.5)).astype(np.float64)
+        out = ((p - pad + 0.5) / scale - 0.5).astype(np.float32)
+        return np.minimum(np.maximum(out, np.float32(-0.5)), limit.astype(np.float32))
+
+    n = sum(counts)
+    boxes = to_frame(np.concatenate([d.boxes for d in decoded]).reshape(n, 2, 2)).reshape(n, 4)
+    keypoints = np.concatenate([d.keypoints for d in decoded])
+    if keypoints.shape[1]:
+        keypoints[..., 0:2] = to_frame(keypoints[..., 0:2])
+    scores = np.concatenate([d.scores for d in decoded])
+    class_ids = np.concatenate([d.class_ids for d in decoded])
+    cuts = np.cumsum(counts)[:-1]
+    return [
+        Detections(b, s, c, k) for b, s, c, k in zip(
+            np.split(boxes, cuts), np.split(scores, cuts), np.split(class_ids, cuts),
+            np.split(keypoints, cuts), strict=True,
+        )
+    ]
 
 
 def clip_to_frame(det: Detections, width: int, height: int) -> Detections:

@@ -146,3 +146,35 @@ def test_postprocess_refuses_an_output_of_the_wrong_width(model_factory: ModelFa
     adapter = End2EndAdapter(read_model_info(model_factory()))
     with pytest.raises(ModelError, match=r"\[1, 8, 20\]"):
         adapter.postprocess([np.zeros((1, 8, 20), np.float32)], [HALF])
+
+
+def test_ultralytics_instances_go_to_frame_pixels_as_one_image_at_a_time_would() -> None:
+    from service.inference.adapters import clip_to_frame, ultralytics_in_frames
+    from service.inference.decoders import Decoded
+
+    rng = np.random.default_rng(11)
+    transforms = [Transform(0.5, 0.5, 0, 140, 1280, 720), Transform(1.0, 1.0, 0, 0, 640, 640),
+                  Transform(0.8333, 0.8333, 0, 140, 768, 432), Transform(2.0, 2.0, 10, 0, 300, 320)]
+    decoded = []
+    for count in (3, 0, 5, 2):
+        xy = rng.uniform(-40, 680, (count, 2)).astype(np.float32)  # some outside the frame
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 90, (count, 2))], axis=1)
+        kps = rng.uniform(-40, 680, (count, 4, 3)).astype(np.float32)
+        decoded.append(Decoded(boxes.astype(np.float32), rng.uniform(0, 1, count).astype(
+            np.float32), rng.integers(0, 3, count).astype(np.int32), kps))
+    got = ultralytics_in_frames(decoded, transforms)
+    assert [len(d) for d in got] == [3, 0, 5, 2]
+    for dec, t, det in zip(decoded, transforms, got, strict=True):
+        n = dec.boxes.shape[0]
+        boxes = t.to_source(dec.boxes.reshape(n, 2, 2) - 0.5).reshape(n, 4)
+        kps = dec.keypoints.copy()
+        kps[..., 0:2] = t.to_source(dec.keypoints[..., 0:2] - 0.5)
+        want = clip_to_frame(Detections(boxes, dec.scores, dec.class_ids, kps),
+                             t.src_width, t.src_height)
+        np.testing.assert_array_equal(det.boxes, want.boxes)
+        np.testing.assert_array_equal(det.keypoints, want.keypoints)
+        np.testing.assert_array_equal(det.scores, want.scores)
+        np.testing.assert_array_equal(det.class_ids, want.class_ids)
+        assert det.boxes.min() >= -0.5 if n else True
+    empty = ultralytics_in_frames([Decoded.empty(4)] * 2, transforms[:2])
+    assert [len(d) for d in empty] == [0, 0] and empty[0].keypoints.shape == (0, 4, 3)
