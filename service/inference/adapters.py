@@ -31,7 +31,13 @@ from service.inference.inputs import (
     ultralytics_letterbox,
 )
 from service.inference.metadata import ModelInfo, read_model_info
-from service.inference.preprocess import BatchBuffers, Transform, converted, make_batch
+from service.inference.preprocess import (
+    BatchBuffers,
+    Transform,
+    converted,
+    make_batch,
+    new_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -441,8 +447,7 @@ def ultralytics_preprocess(
     """Letterbox as Ultralytics does (bilinear, centred) and convert to the input tensor
     (its arrays taken from ``buffers`` when given)."""
     spec = info.input
-    shape = (len(images), spec.height, spec.width, 3)
-    batch = np.empty(shape, np.uint8) if buffers is None else buffers.take(shape, np.uint8)
+    batch = new_batch(buffers, (len(images), spec.height, spec.width, 3), np.uint8)
     transforms = [
         ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value, batch[i])[1]
         for i, im in enumerate(images)

@@ -103,7 +103,8 @@ class BatchBuffers:
         return len(self._lent)
 
 
-def _new(buffers: BatchBuffers | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+def new_batch(buffers: BatchBuffers | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array: from ``buffers`` when given, else a fresh one."""
     return np.empty(shape, dtype) if buffers is None else buffers.take(shape, dtype)
 
 
@@ -195,7 +196,7 @@ def to_layout(
     if spec.layout == "NCHW" and dtype != np.uint8:
         b, h, w, _ = batch.shape
         return _planar(batch, spec.color == "RGB", dtype, spec.normalization == "unit",
-                       _new(buffers, (b, 3, h, w), dtype))
+                       new_batch(buffers, (b, 3, h, w), dtype))
     x: np.ndarray = batch
     if spec.color == "RGB":
         x = x[..., ::-1]
@@ -229,7 +230,7 @@ def make_batch(
 ) -> tuple[np.ndarray, list[Transform]]:
     """Fit every image and stack them into one model input batch (its arrays taken from
     ``buffers`` when given; an intermediate uint8 batch goes back at once)."""
-    batch = _new(buffers, (len(images), spec.height, spec.width, 3), np.uint8)
+    batch = new_batch(buffers, (len(images), spec.height, spec.width, 3), np.uint8)
     transforms = [fit(image, spec, batch[i])[1] for i, image in enumerate(images)]
     return converted(batch, to_layout(batch, spec, buffers), buffers), transforms
 

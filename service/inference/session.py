@@ -32,7 +32,7 @@ import numpy as np
 from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig, InputOverride
-from service.inference.adapters import Adapter, build_adapter
+from service.inference.adapters import Adapter, UltralyticsPoseAdapter, build_adapter
 from service.inference.config import PROVIDER_ALIASES, GpuConfig, InferenceConfig
 from service.inference.gpu import DeviceRunner, run_chunks
 from service.inference.metadata import ModelInfo, model_info_from_session, read_model_info
@@ -253,8 +253,6 @@ def _uint8_graph(path: Path, info: ModelInfo) -> Any:
 def _candidates(info: ModelInfo, wanted: int) -> int | None:
     """How many anchors an image the device keeps of a raw Ultralytics output (None: the
     output is not one, has no more anchors than that, or ``wanted`` is 0)."""
-    from service.inference.adapters import UltralyticsPoseAdapter
-
     if not wanted or not info.outputs or not UltralyticsPoseAdapter.accepts(info).accepted:
         return None
     channels, anchors = info.outputs[0].shape[1], info.outputs[0].shape[2]
