@@ -11,11 +11,14 @@ from collections.abc import Callable
 from enum import StrEnum
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from service.errors import LineWatchError
+
+if TYPE_CHECKING:
+    from service.overrides import RuntimeOverride
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,7 +73,9 @@ PrecisionOption = Annotated[
 ]
 
 
-def runtime_override(providers: str | None, precision: PrecisionChoice | None) -> Any:
+def runtime_override(
+    providers: str | None, precision: PrecisionChoice | None
+) -> RuntimeOverride:
     """The ``RuntimeOverride`` of the two options above."""
     from service.overrides import RuntimeOverride
 
@@ -546,10 +551,10 @@ def predict(
     predictor = setup.predictor
     entry = f" (config entry {setup.model_id!r})" if setup.model_id else ""
     rois = f"; ROIs of camera {setup.camera!r}" if setup.camera and predictor.top_down else ""
-    precision = (predictor.acceleration or {}).get("precision")
+    runs_at = (predictor.acceleration or {}).get("precision")
     typer.echo(
         f"model {predictor.path}{entry} on {predictor.provider}"
-        f"{f' {precision}' if precision else ''}: adapter {predictor.adapter.name} "
+        f"{f' {runs_at}' if runs_at else ''}: adapter {predictor.adapter.name} "
         f"({predictor.adapter_reason}){rois}",
         err=True,
     )
