@@ -22,7 +22,7 @@ import numpy as np
 from service.domain import ClassInfo, Detections, ImageArray
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
-from service.inference.decoders import Decoded, decode_ultralytics_pose
+from service.inference.decoders import Decoded, decode_ultralytics_pose_batch
 from service.inference.gpu import TOP_CANDIDATES_KEY
 from service.inference.inputs import (
     Normalizer,
@@ -387,12 +387,10 @@ class UltralyticsPoseAdapter(Adapter):
         max_det = min(nms.max_det, self.max_detections or nms.max_det)
         if self._candidates_only and not self._warned_full:
             self._check_candidates(out[:len(transforms), 4:4 + nc, -1])
-        decoded = [
-            decode_ultralytics_pose(
-                out[b], nc, kpt_shape, self.score_threshold, nms.iou, max_det, nms.agnostic
-            )
-            for b in range(len(transforms))
-        ]
+        decoded = decode_ultralytics_pose_batch(
+            out[:len(transforms)], nc, kpt_shape, self.score_threshold, nms.iou, max_det,
+            nms.agnostic,
+        )
         return ultralytics_in_frames(decoded, transforms)
 
 

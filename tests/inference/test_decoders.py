@@ -3,6 +3,8 @@ heatmap sub-pixel refinement, regression layouts."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from service.inference.decoders import (
     decode_regression,
     decode_simcc,
     decode_ultralytics_pose,
+    decode_ultralytics_pose_batch,
     heatmap_to_input,
     nms,
 )
@@ -156,3 +159,49 @@ def test_regression_layouts_axis_order_and_normalised_coords() -> None:
     np.testing.assert_allclose(score_first[0, 0, 0], [10.0, 20.0, 0.7])
     with pytest.raises(ValueError, match="does not fit layout"):
         decode_regression(raw, 3, "BNKV", "pixel", "xy", 2, (10, 10))
+
+
+def _same_decoded(got: Any, want: Any) -> bool:
+    return all(
+        np.array_equal(getattr(got, f), getattr(want, f))
+        and getattr(got, f).dtype == getattr(want, f).dtype
+        for f in ("boxes", "scores", "class_ids", "keypoints")
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_decode_equals_decoding_each_image(seed: int) -> None:
+    """Random batches: score ties, several classes, detect (no keypoints) and 2-D keypoint
+    models, class-aware and agnostic NMS, max_det and max_candidates caps, empty images,
+    and images with more candidates than the batch decoder walks (handed to per-image)."""
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        b, nc = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        k, d, a = int(rng.integers(0, 4)), int(rng.choice([2, 3])), int(rng.integers(5, 320))
+        pred = np.zeros((b, 4 + nc + k * d, a), np.float32)
+        pred[:, 0:2] = rng.uniform(0, 200, (b, 2, a))
+        pred[:, 2:4] = rng.uniform(5, 80, (b, 2, a))
+        pred[:, 4:4 + nc] = (rng.choice([0.1, 0.3, 0.5, 0.5, 0.7, 0.9], (b, nc, a)) if trial % 2
+                             else rng.uniform(0, 1, (b, nc, a)))
+        pred[:, 4 + nc:] = rng.uniform(0, 200, (b, k * d, a))
+        if trial % 5 == 0:
+            pred[0, 4:4 + nc] = 0.0
+        args = (nc, (k, d), float(rng.choice([0.05, 0.25, 0.5, 0.95])),
+                float(rng.choice([0.3, 0.5, 0.7])), int(rng.choice([2, 5, 300])),
+                bool(rng.integers(0, 2)), int(rng.choice([3, 30000])))
+        got = decode_ultralytics_pose_batch(pred, *args)
+        want = [decode_ultralytics_pose(pred[i], *args) for i in range(b)]
+        assert len(got) == b
+        assert all(_same_decoded(g, w) for g, w in zip(got, want, strict=True)), (trial, args)
+
+
+def test_ultralytics_decode_of_a_detect_model_without_keypoints() -> None:
+    pred = np.zeros((2, 4 + 2, 6), np.float32)
+    pred[:, 0:4] = np.array([[50], [50], [20], [20]], np.float32)
+    pred[0, 4, 0], pred[0, 5, 3], pred[1, 5, 1] = 0.9, 0.8, 0.7
+    one = decode_ultralytics_pose(pred[0], 2, (0, 3), 0.25, 0.7)
+    assert one.keypoints.shape == (2, 0, 3) and one.class_ids.tolist() == [0, 1]
+    both = decode_ultralytics_pose_batch(pred, 2, (0, 3), 0.25, 0.7)
+    assert [len(x.boxes) for x in both] == [2, 1] and _same_decoded(both[0], one)
+    with pytest.raises(ValueError, match=r"\[B, 4 \+ 2 \+ 0\*3, A\]"):
+        decode_ultralytics_pose_batch(pred[0], 2, (0, 3), 0.25, 0.7)
