@@ -147,20 +147,20 @@ def build_frame_message(
         boxes_arr[det_rows] = tracks.detections.boxes[trk_rows]
         kps_arr[det_rows] = tracks.detections.keypoints[trk_rows]
     # float64 before rounding: a rounded float32 prints as 0.9729999899864197 in JSON
-    boxes = np.round(boxes_arr.astype(np.float64), 2).tolist()
-    scores = np.round(detections.scores.astype(np.float64), 3).tolist()
+    boxes = boxes_arr.astype(np.float64).round(2).tolist()
+    scores = detections.scores.astype(np.float64).round(3).tolist()
     class_ids = detections.class_ids.tolist()
     num_slots = int(kps_arr.shape[1])
     kp64 = kps_arr.astype(np.float64)
-    kp_xy = np.round(kp64[:, :, :2], 2).tolist()
-    kp_score = np.round(kp64[:, :, 2], 3).tolist()
+    kp_xy = kp64[:, :, :2].round(2).tolist()
+    kp_score = kp64[:, :, 2].round(3).tolist()
 
     extras: list[dict[str, Any]] = [{} for _ in range(n)]
     kp_mm: list[Any] | None = None
     if len(det_rows):
         assert tracks is not None
         ids = tracks.track_ids[trk_rows].tolist()
-        v_px = np.round(tracks.velocity_px_s[trk_rows].astype(np.float64), 1).tolist()
+        v_px = tracks.velocity_px_s[trk_rows].astype(np.float64).round(1).tolist()
         v_mm: list[Any] = [None] * len(det_rows)
         poses: list[Any] = [None] * len(det_rows)
         joints: dict[int, list[Any]] = {}
@@ -168,20 +168,20 @@ def build_frame_message(
             assert tracks.keypoints_mm is not None
             mm = np.full((n, num_slots, 2), np.nan)  # float64
             mm[det_rows] = tracks.keypoints_mm[trk_rows]
-            kp_mm = np.round(mm, 2).tolist()
+            kp_mm = mm.round(2).tolist()
             if tracks.velocity_mm_s is not None:
-                v_mm = np.round(tracks.velocity_mm_s[trk_rows].astype(np.float64), 1).tolist()
+                v_mm = tracks.velocity_mm_s[trk_rows].astype(np.float64).round(1).tolist()
             if tracks.poses is not None and tracks.pose_residual_mm is not None:
                 pose_arr = np.column_stack(
                     [tracks.poses[trk_rows], tracks.pose_residual_mm[trk_rows]]
                 ).astype(np.float64)
-                poses = np.round(pose_arr, 2).tolist()
+                poses = pose_arr.round(2).tolist()
             chain_rows = [
                 j for j, r in enumerate(det_rows.tolist()) if class_ids[r] in classes.chains
             ]
             if chain_rows:
                 angles = joint_angles(tracks.keypoints_mm[trk_rows[chain_rows]].astype(np.float64))
-                for j, row in zip(chain_rows, np.round(angles, 2).tolist(), strict=True):
+                for j, row in zip(chain_rows, angles.round(2).tolist(), strict=True):
                     joints[j] = _nan_to_none(row)
         for j, r in enumerate(det_rows.tolist()):
             track_ids[r] = ids[j]
