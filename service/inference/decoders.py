@@ -54,14 +54,15 @@ def box_iou_pairs(boxes: np.ndarray) -> np.ndarray:
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``(M, N)`` IoU of ``(M, 4)`` and ``(N, 4)`` xyxy boxes (0 where the union is 0)."""
-    a4, b4 = a[:, None, :], b[None, :, :]
+    """``(..., M, N)`` IoU of ``(..., M, 4)`` and ``(..., N, 4)`` xyxy boxes (0 where the
+    union is 0); leading dimensions are batches of images."""
+    a4, b4 = a[..., :, None, :], b[..., None, :, :]
     w = np.maximum(np.minimum(a4[..., 2], b4[..., 2]) - np.maximum(a4[..., 0], b4[..., 0]), 0)
     h = np.maximum(np.minimum(a4[..., 3], b4[..., 3]) - np.maximum(a4[..., 1], b4[..., 1]), 0)
     inter = w * h
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    union = area_a[..., :, None] + area_b[..., None, :] - inter
     positive = union > 0
     return np.where(positive, inter / np.where(positive, union, 1.0), 0.0)
 
@@ -238,7 +239,7 @@ def decode_ultralytics_pose_batch(
     grid[img, rank] = offset
     valid = np.zeros((batch, widest), bool)
     valid[img, rank] = True
-    suppresses = _iou_each(grid) > iou_threshold  # (B, M, M)
+    suppresses = _iou(grid, grid) > iou_threshold  # (B, M, M): each image's pairs
     alive, kept = valid, np.zeros_like(valid)
     for r in range(widest):  # greedy NMS, one rank of every image at a time
         kept[:, r] = alive[:, r]
@@ -257,19 +258,6 @@ def decode_ultralytics_pose_batch(
             np.split(classes[chosen], cuts), np.split(keypoints, cuts), strict=True,
         )
     ]
-
-
-def _iou_each(boxes: np.ndarray) -> np.ndarray:
-    """``(B, M, M)`` IoU of every pair of boxes within each of ``(B, M, 4)`` (the values
-    of :func:`box_iou_pairs` on each ``boxes[b]``)."""
-    a4, b4 = boxes[:, :, None, :], boxes[:, None, :, :]
-    w = np.maximum(np.minimum(a4[..., 2], b4[..., 2]) - np.maximum(a4[..., 0], b4[..., 0]), 0)
-    h = np.maximum(np.minimum(a4[..., 3], b4[..., 3]) - np.maximum(a4[..., 1], b4[..., 1]), 0)
-    inter = w * h
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    union = area[:, :, None] + area[:, None, :] - inter
-    positive = union > 0
-    return np.where(positive, inter / np.where(positive, union, 1.0), 0.0)
 
 
 # --- SimCC ------------------------------------------------------------------------------
