@@ -134,6 +134,14 @@ class Decoded:
         )
 
 
+def _corners(xywh: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` centre x, y, width, height -> x1, y1, x2, y2 (same dtype)."""
+    boxes = np.empty_like(xywh)
+    boxes[:, 0:2] = xywh[:, 0:2] - xywh[:, 2:4] / 2
+    boxes[:, 2:4] = xywh[:, 0:2] + xywh[:, 2:4] / 2
+    return boxes
+
+
 def decode_ultralytics_pose(
     pred: np.ndarray,
     num_classes: int,
@@ -163,10 +171,7 @@ def decode_ultralytics_pose(
         return Decoded.empty(k)
     cand = cand[np.argsort(-conf[cand], kind="stable")[:max_candidates]]
     sel = p[:, cand].T  # (n, 4 + C + K*D)
-    xywh = sel[:, 0:4]
-    boxes = np.empty_like(xywh)
-    boxes[:, 0:2] = xywh[:, 0:2] - xywh[:, 2:4] / 2
-    boxes[:, 2:4] = xywh[:, 0:2] + xywh[:, 2:4] / 2
+    boxes = _corners(sel[:, 0:4])
     scores = conf[cand]
     classes = cls_scores[:, cand].argmax(axis=0).astype(np.int32)
     keep = nms(boxes, scores, iou_threshold, None if agnostic else classes, max_det)
@@ -227,10 +232,7 @@ def decode_ultralytics_pose_batch(
                                         iou_threshold, max_det, agnostic, max_candidates)
                 for b in range(batch)]
     sel = p[img, :, anchor]  # (N, rows)
-    xywh = sel[:, 0:4]
-    boxes = np.empty_like(xywh)
-    boxes[:, 0:2] = xywh[:, 0:2] - xywh[:, 2:4] / 2
-    boxes[:, 2:4] = xywh[:, 0:2] + xywh[:, 2:4] / 2
+    boxes = _corners(sel[:, 0:4])
     classes = sel[:, 4:4 + num_classes].argmax(axis=1).astype(np.int32)
     offset = boxes.astype(np.float64)
     if not agnostic:
