@@ -261,20 +261,35 @@ def _candidates(info: ModelInfo, wanted: int) -> int | None:
     return max(wanted, channels + 1)  # still more anchors than channels: [B, 4+C+K*D, A]
 
 
-def _device_graph(path: Path, info: ModelInfo, uint8: bool, candidates: int | None) -> Any:
-    """The model file as the device runs it (an ``onnx.ModelProto``): the uint8 NHWC
-    input graph in front, the best ``candidates`` anchors chosen at the end."""
+@dataclass(frozen=True, slots=True)
+class DeviceGraph:
+    """The model as the GPU path runs it: ``graph`` (an ``onnx.ModelProto``; None when the
+    file runs unchanged), whether it takes uint8 frames, and the anchors it keeps."""
+
+    graph: Any
+    uint8_input: bool
+    candidates: int | None
+
+
+def device_graph(path: Path, info: ModelInfo, gpu: GpuConfig) -> DeviceGraph:
+    """What ``gpu`` makes of the model file: the uint8 NHWC input graph in front (a float
+    NCHW model, ``uint8_input``), each image's best anchors chosen at the end (a raw
+    Ultralytics output, ``max_candidates``)."""
     import onnx
 
     from service.inference.gpu import top_candidates_model
 
+    uint8 = gpu.uint8_input and _uint8_wrappable(info)
+    candidates = _candidates(info, gpu.max_candidates)
+    if not uint8 and candidates is None:
+        return DeviceGraph(None, False, None)
     graph = _uint8_graph(path, info) if uint8 else onnx.load(str(path))
     out = info.outputs[0]
     channels = out.shape[1]
     if candidates is not None and isinstance(channels, int):
         k, d = info.kpt_shape or (0, 3)
         graph = top_candidates_model(graph, out.name, channels - 4 - k * d, candidates)
-    return graph
+    return DeviceGraph(graph, uint8, candidates)
 
 
 def _create_session(
@@ -373,12 +388,12 @@ def _open_on_device(
     info = read_model_info(path)
     check_cuda_graphs(info, opts, path.stem)
     notes: list[str] = []
-    wrap = opts.uint8_input and _uint8_wrappable(info)
-    candidates = _candidates(info, opts.max_candidates)
+    on_device = device_graph(path, info, opts)
+    wrap, candidates = on_device.uint8_input, on_device.candidates
     model: str | bytes = str(path)
     model_bytes: Path | bytes = path
-    if wrap or candidates is not None:
-        model = model_bytes = _device_graph(path, info, wrap, candidates).SerializeToString()
+    if on_device.graph is not None:
+        model = model_bytes = on_device.graph.SerializeToString()
     graphs = opts.cuda_graphs and graphs_ok
     if graphs:
         dynamic = [t.describe() for t in (*info.inputs, *info.outputs)
