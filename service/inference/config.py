@@ -123,6 +123,12 @@ class InferenceConfig(BaseModel):
     spin_wait: bool = Field(
         default=False, description="Let idle ORT worker threads spin (lower latency, burns CPU)."
     )
+    cpu_rewrites: bool = Field(
+        default=True, description="On ONNX Runtime's CPU provider, rewrite two patterns it "
+        "runs slowly (Conv -> activation -> Split on channels; Softmax over an axis that is "
+        "not the last, as in every Ultralytics YOLO export) into the same arithmetic it runs "
+        "faster, at load; the file is not changed (docs/models.md, CPU graph rewrites).",
+    )
     warmup_runs: int = Field(
         default=2, ge=0, le=100, description="Runs at load, before the model is ready."
     )

@@ -12,6 +12,7 @@ from typing import Any
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
 from service.inference.adapters import configured_adapter, registered_adapters
+from service.inference.cpu_graph import CpuGraph, cpu_graph
 from service.inference.inputs import apply_input_override
 from service.inference.metadata import ModelInfo, read_model_info
 
@@ -30,7 +31,8 @@ def inspect_model(
     raw = read_model_info(path)
     report = raw.to_dict()
     forced = settings.kind != "auto"
-    report.update(forced=forced, settings_from=source)
+    report.update(forced=forced, settings_from=source,
+                  cpu_rewrites=cpu_graph(Path(path)).rewrites)
     try:
         info, normalizer, choice = configured_adapter(raw, settings)
     except ModelError as exc:
@@ -85,6 +87,10 @@ def render_inspection(report: dict[str, Any]) -> str:
     lines.append("classes:")
     for c in report["classes"]:
         lines.append(f"  {c['id']}: {c['name']}  keypoints: {', '.join(c['keypoint_names'])}")
+    if report.get("cpu_rewrites"):
+        done = CpuGraph(None, report["cpu_rewrites"]).describe()
+        lines.append(f"on ONNX Runtime's CPU: graph rewrites {done} (cpu_rewrites: false "
+                     "turns them off)")
     if report.get("settings_from"):
         lines.append(f"settings: {report['settings_from']}")
     if report["adapter"]:

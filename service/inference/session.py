@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig, InputOverride
 from service.inference.adapters import Adapter, UltralyticsPoseAdapter, build_adapter
 from service.inference.config import PROVIDER_ALIASES, GpuConfig, InferenceConfig
+from service.inference.cpu_graph import CpuGraph, cpu_graph
 from service.inference.gpu import DeviceRunner, run_chunks
 from service.inference.metadata import ModelInfo, model_info_from_session, read_model_info
 from service.inference.openvino import OPENVINO, OpenVinoSession
@@ -162,8 +163,8 @@ def open_session(path: Path, config: InferenceConfig) -> tuple[Any, list[str]]:
     uint8-input graph), without CUDA graphs: a plain ``session.run`` loop (the bench's bare
     loop) cannot feed a captured graph.
     """
-    session, requested, _ = open_model_session(path, config, cuda_graphs=False)
-    return session, requested
+    opened = open_model_session(path, config, cuda_graphs=False)
+    return opened.session, opened.requested
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +314,20 @@ def _create_session(
     return session
 
 
+class OpenedSession(NamedTuple):
+    """What :func:`open_model_session` built: the session (ORT's, or OpenVINO's), the
+    providers asked for, the GPU fast path's setup (None off the GPU) and the CPU graph
+    rewrites made (empty unless ONNX Runtime's CPU provider runs a rewritten graph)."""
+
+    session: Any
+    requested: list[str]
+    setup: DeviceSetup | None
+    cpu_rewrites: dict[str, int]
+
+
 def open_model_session(
     path: Path, config: InferenceConfig, *, cuda_graphs: bool = True
-) -> tuple[Any, list[str], DeviceSetup | None]:
+) -> OpenedSession:
     """The ORT session, the requested providers and, on a GPU provider, the fast path's
     setup (None on the CPU: the session is built exactly as without a GPU)."""
     import onnxruntime as ort
@@ -338,14 +350,24 @@ def open_model_session(
             log.warning("model %s: OpenVINO cannot run it (%s); falling back to %s",
                         path, exc, ", ".join(requested[1:]))
             config = config.model_copy(update={"providers": requested[1:]})
-            session, _, setup = open_model_session(path, config, cuda_graphs=cuda_graphs)
-            return session, requested, setup
-        return session, requested, None
+            fallback = open_model_session(path, config, cuda_graphs=cuda_graphs)
+            return fallback._replace(requested=requested)
+        return OpenedSession(session, requested, None, {})
     device = _device_for(requested[0], gpu)
     if device is None:
-        session = _create_session(str(path), _session_options(config), requested, path)
-        return session, requested, None
+        return _open_on_cpu(path, config, requested, requested)
     return _open_on_device(path, config, requested, device, cuda_graphs)
+
+
+def _open_on_cpu(
+    path: Path, config: InferenceConfig, requested: list[str], providers: list[str]
+) -> OpenedSession:
+    """ONNX Runtime on the CPU provider (``providers``), on the rewritten graph
+    (``config.cpu_rewrites``, service/inference/cpu_graph.py) when any rewrite applies."""
+    rewritten = cpu_graph(path) if config.cpu_rewrites else CpuGraph(None, {})
+    model = str(path) if rewritten.model is None else rewritten.model
+    session = _create_session(model, _session_options(config), providers, path)
+    return OpenedSession(session, requested, None, rewritten.rewrites)
 
 
 def open_openvino(path: Path, config: InferenceConfig) -> OpenVinoSession:
@@ -380,7 +402,7 @@ def session_model_info(path: Path, session: Any) -> ModelInfo:
 
 def _open_on_device(
     path: Path, config: InferenceConfig, requested: list[str], device: str, graphs_ok: bool
-) -> tuple[Any, list[str], DeviceSetup | None]:
+) -> OpenedSession:
     """The GPU fast path: TensorRT/CUDA options, the uint8 graph, CUDA graphs if static."""
     from service.inference import gpu as g
 
@@ -459,8 +481,8 @@ def _open_on_device(
     if _device_for(active, True) is None and device != "cpu":
         # fell back to the CPU: run the plain CPU session, exactly as without a GPU
         if CPU in requested:
-            session = _create_session(str(path), _session_options(config), [CPU], path)
-        return session, requested, None
+            return _open_on_cpu(path, config, requested, [CPU])
+        return OpenedSession(session, requested, None, {})
     setup = DeviceSetup(
         provider=active, device=device, device_id=opts.device_id, uint8_input=wrap,
         io_binding=opts.io_binding, fp16=opts.fp16 and active == g.TENSORRT,
@@ -469,7 +491,7 @@ def _open_on_device(
                            else None),
         notes=tuple(notes), candidates=candidates,
     )
-    return session, requested, setup
+    return OpenedSession(session, requested, setup, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +543,7 @@ class OrtModel:
                 "openvino": self.config.openvino.model_copy(update={"uint8_input": False}),
             })
         self._session_config = session_config
-        self._session, requested, self.device_setup = open_model_session(
+        self._session, requested, self.device_setup, self.cpu_rewrites = open_model_session(
             self.path, session_config
         )
         self._providers: tuple[str, ...] = tuple(self._session.get_providers())
@@ -555,7 +577,8 @@ class OrtModel:
             "dynamic" if self.info.dynamic_batch else f"fixed {self.info.fixed_batch}",
             f"; GPU: {self.device_setup.describe()}" if self.device_setup
             else f"; {self._session.describe()}" if isinstance(self._session, OpenVinoSession)
-            else "",
+            else f"; CPU graph rewrites: {CpuGraph(None, self.cpu_rewrites).describe()}"
+            if self.cpu_rewrites else "",
         )
         for p in (*GPU_PROVIDERS, *CPU_RUNTIMES):
             metrics.PROVIDER.labels(self.name, p).set(1.0 if p == self.provider else 0.0)
@@ -638,8 +661,10 @@ class OrtModel:
     def _open_instance(self) -> _Instance:
         """One more session of this model, as the first was opened (same providers,
         threads and GPU setup)."""
-        session, _, setup = open_model_session(self.path, self._session_config)
-        return _Instance(session, None if setup is None else self._make_device_runner(setup))
+        opened = open_model_session(self.path, self._session_config)
+        setup = opened.setup
+        return _Instance(opened.session,
+                         None if setup is None else self._make_device_runner(setup))
 
     def _make_device_runner(self, setup: DeviceSetup) -> DeviceRunner:
         mode = "graph" if setup.cuda_graphs else "bound" if setup.io_binding else "plain"

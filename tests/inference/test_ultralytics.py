@@ -115,8 +115,33 @@ def test_raw_export_matches_ultralytics_predict(
     model = Predictor(exported["raw"], InferenceConfig(warmup_runs=0, score_threshold=conf),
                       AdapterConfig.model_validate({"nms": {"iou": iou}}))
     assert model.adapter.name == "ultralytics"
+    assert set(model.cpu_rewrites) == {"conv+split", "softmax (not last axis)"}  # ran rewritten
     ours = list(predict_files(model, images))
     assert assert_parity(ours, theirs) >= 3  # thresholds chosen so that instances exist
+
+
+@pytest.mark.slow
+def test_cpu_rewrites_of_the_export_give_its_raw_outputs(
+    exported: dict[str, Path], images: list[Path]
+) -> None:
+    import cv2
+
+    from service.inference.session import open_model_session
+
+    config = InferenceConfig(providers=["cpu"])
+    on = open_model_session(exported["raw"], config)
+    off = open_model_session(exported["raw"], config.model_copy(update={"cpu_rewrites": False}))
+    assert on.cpu_rewrites["conv+split"] >= 8  # one per C3k2 block of YOLO11n
+    assert on.cpu_rewrites["softmax (not last axis)"] == 1  # the DFL head
+    assert off.cpu_rewrites == {}
+    name = on.session.get_inputs()[0].name
+    for path in images[:4]:
+        image = cv2.resize(cv2.imread(str(path)), (640, 640))
+        x = np.ascontiguousarray(image[None, :, :, ::-1].transpose(0, 3, 1, 2),
+                                 np.float32) / 255
+        ours, theirs = on.session.run(None, {name: x})[0], off.session.run(None, {name: x})[0]
+        np.testing.assert_allclose(ours[:, :4], theirs[:, :4], atol=0.01)  # boxes, px
+        np.testing.assert_allclose(ours[:, 4:], theirs[:, 4:], atol=0.01)  # scores, keypoints
 
 
 @pytest.mark.slow
@@ -163,6 +188,7 @@ def test_inspect_says_ultralytics_and_why(exported: dict[str, Path]) -> None:
     res = CliRunner().invoke(app, ["model", "inspect", str(exported["raw"])])
     assert res.exit_code == 0, res.output
     assert "adapter: ultralytics" in res.stdout and "17*3 keypoints" in res.stdout
+    assert "graph rewrites 9 conv+split, 1 softmax (not last axis)" in res.stdout
 
 
 @pytest.mark.slow
