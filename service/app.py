@@ -117,6 +117,7 @@ def inference_config(mod: ModelConfig) -> InferenceConfig:
         intra_op_threads=mod.intra_op_threads,
         inter_op_threads=mod.inter_op_threads,
         instances=mod.instances,
+        cpu_rewrites=mod.cpu_rewrites,
         warmup_runs=mod.warmup_runs,
         score_threshold=mod.score_threshold,
         max_detections=mod.max_detections,

@@ -410,6 +410,7 @@ def run_bench(
         "cameras": len(loaded.cameras),
         "batch": raw.batch,
         "instances": loaded.model.instances,
+        "cpu_rewrites": loaded.model.cpu_rewrites,
         **({"single_session_fps": round(single.fps, 2)} if single is not None else {}),
         **({"precision": (loaded.model.acceleration or {}).get("precision"),
             "onnxruntime_raw_fps": round(on_ort.fps, 2),

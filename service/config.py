@@ -251,6 +251,10 @@ class ModelConfig(_Section):
         description="sessions running consecutive batches side by side; auto: 2 for a heavy "
         "model on the CPU, else 1",
     )
+    cpu_rewrites: bool = Field(
+        default=True, description="on ONNX Runtime's CPU, run a rewritten copy of the graph "
+        "(Conv+Split, inner-axis Softmax; docs/models.md, CPU graph rewrites)",
+    )
     score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     max_detections: int | None = Field(
         default=None, ge=1, description="keep at most this many instances per frame"

@@ -133,6 +133,7 @@ def test_a_short_real_bench(config_file: Path) -> None:
     assert len(result["raw_model_fps_runs"]) == 2  # before and after the pipeline
     assert result["frames_dropped"] == 0  # non-realtime cameras are paced by the model
     assert result["instances"] == 1 and "single_session_fps" not in result
+    assert result["cpu_rewrites"] == {}  # the shipped model's head split is left alone
 
 
 @pytest.mark.slow

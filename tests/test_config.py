@@ -714,3 +714,23 @@ def test_openvino_settings_reach_the_inference_config(write_config: WriteConfig)
     config = inference_config(load_config(path, env={}).models[0])
     assert config.providers == ["OpenVINO", "CPUExecutionProvider"]
     assert config.openvino.precision == "bf16"
+
+
+def test_cpu_rewrites_reach_the_inference_config(write_config: WriteConfig) -> None:
+    from service.app import inference_config
+
+    path = write_config("""
+        models:
+          - {id: a, path: m.onnx}
+          - {id: b, path: m.onnx, cpu_rewrites: false}
+          - {id: c, path: m.onnx, cpu_rewrites: sometimes}
+    """)
+    errors = _errors(path)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:4: models[2].cpu_rewrites:")
+    path = write_config("""
+        models:
+          - {id: a, path: m.onnx}
+          - {id: b, path: m.onnx, cpu_rewrites: false}
+    """)
+    models = load_config(path, env={}).models
+    assert [inference_config(m).cpu_rewrites for m in models] == [True, False]

@@ -136,7 +136,9 @@ def test_cpu_rewrites_of_the_export_give_its_raw_outputs(
     assert off.cpu_rewrites == {}
     name = on.session.get_inputs()[0].name
     for path in images[:4]:
-        image = cv2.resize(cv2.imread(str(path)), (640, 640))
+        frame = cv2.imread(str(path))
+        assert frame is not None, path
+        image = cv2.resize(frame, (640, 640))
         x = np.ascontiguousarray(image[None, :, :, ::-1].transpose(0, 3, 1, 2),
                                  np.float32) / 255
         ours, theirs = on.session.run(None, {name: x})[0], off.session.run(None, {name: x})[0]
