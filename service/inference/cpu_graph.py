@@ -69,12 +69,12 @@ def cpu_graph(path: Path) -> CpuGraph:
     if path.stat().st_size > MAX_REWRITE_BYTES:
         return CpuGraph(None, {})
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # a damaged file: ORT's own load names what is wrong
         log.debug("cpu graph rewrites skipped for %s: %s", path, exc)
         return CpuGraph(None, {})
     if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
-        return CpuGraph(None, {})
+        return CpuGraph(None, {})  # weights in files beside it: ORT loads it from its path
     rewrites = rewrite_for_cpu(model)
     if not rewrites:
         return CpuGraph(None, {})

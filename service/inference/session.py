@@ -365,9 +365,15 @@ def _open_on_cpu(
     """ONNX Runtime on the CPU provider (``providers``), on the rewritten graph
     (``config.cpu_rewrites``, service/inference/cpu_graph.py) when any rewrite applies."""
     rewritten = cpu_graph(path) if config.cpu_rewrites else CpuGraph(None, {})
-    model = str(path) if rewritten.model is None else rewritten.model
-    session = _create_session(model, _session_options(config), providers, path)
-    return OpenedSession(session, requested, None, rewritten.rewrites)
+    if rewritten.model is not None:
+        try:
+            session = _create_session(rewritten.model, _session_options(config), providers, path)
+            return OpenedSession(session, requested, None, rewritten.rewrites)
+        except ModelError as exc:  # never refuse a file over a rewrite: run it as it is
+            log.warning("model %s: ONNX Runtime refused the rewritten graph (%s); running the "
+                        "file as it is (set cpu_rewrites: false to skip the rewrites)", path, exc)
+    session = _create_session(str(path), _session_options(config), providers, path)
+    return OpenedSession(session, requested, None, {})
 
 
 def open_openvino(path: Path, config: InferenceConfig) -> OpenVinoSession:

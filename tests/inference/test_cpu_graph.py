@@ -195,6 +195,10 @@ def test_cpu_graph_of_a_file(tmp_path: Path) -> None:
     assert graph.model is not None
     assert graph.describe() == "1 conv+split"
     assert "Split" not in ops(onnx.load_from_string(graph.model))
+    external = tmp_path / "external.onnx"  # weights in a file beside it: ORT loads it
+    onnx.save(conv_split_model(), external, save_as_external_data=True,
+              all_tensors_to_one_file=True, location="external.data", size_threshold=0)
+    assert cpu_graph(external).model is None
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     assert cpu_graph(broken).model is None  # ORT's load reports it (test_session)
@@ -211,3 +215,21 @@ def test_the_cpu_session_runs_the_rewritten_graph_unless_turned_off(tmp_path: Pa
     x = x_input()
     for a, b in zip(on.session.run(None, x), off.session.run(None, x), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rewritten_graph_ort_refuses_falls_back_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.inference import cpu_graph as cpu_graph_mod
+    from service.inference import session as session_mod
+
+    path = tmp_path / "split.onnx"
+    onnx.save(conv_split_model(), path)
+    # a rewrite gone wrong: bytes ORT cannot load
+    monkeypatch.setattr(session_mod, "cpu_graph", lambda p: cpu_graph_mod.CpuGraph(
+        b"broken", {"conv+split": 1}))
+    with caplog.at_level("WARNING"):
+        opened = open_model_session(path, InferenceConfig(providers=["cpu"]))
+    assert opened.cpu_rewrites == {}
+    assert "refused the rewritten graph" in caplog.text
+    assert len(opened.session.run(None, x_input())) == 2  # the file as it is runs
