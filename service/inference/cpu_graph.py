@@ -57,8 +57,10 @@ class CpuGraph:
     model: bytes | None
     rewrites: dict[str, int]
 
-    def describe(self) -> str:
-        return ", ".join(f"{n} {name}" for name, n in self.rewrites.items()) or "none"
+
+def describe_rewrites(rewrites: dict[str, int]) -> str:
+    """``9 conv+split, 1 softmax (not last axis)`` (``none`` when empty)."""
+    return ", ".join(f"{n} {name}" for name, n in rewrites.items()) or "none"
 
 
 def cpu_graph(path: Path) -> CpuGraph:

@@ -12,7 +12,7 @@ from typing import Any
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
 from service.inference.adapters import configured_adapter, registered_adapters
-from service.inference.cpu_graph import CpuGraph, cpu_graph
+from service.inference.cpu_graph import cpu_graph, describe_rewrites
 from service.inference.inputs import apply_input_override
 from service.inference.metadata import ModelInfo, read_model_info
 
@@ -88,7 +88,7 @@ def render_inspection(report: dict[str, Any]) -> str:
     for c in report["classes"]:
         lines.append(f"  {c['id']}: {c['name']}  keypoints: {', '.join(c['keypoint_names'])}")
     if report.get("cpu_rewrites"):
-        done = CpuGraph(None, report["cpu_rewrites"]).describe()
+        done = describe_rewrites(report["cpu_rewrites"])
         lines.append(f"on ONNX Runtime's CPU: graph rewrites {done} (cpu_rewrites: false "
                      "turns them off)")
     if report.get("settings_from"):

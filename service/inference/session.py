@@ -34,7 +34,7 @@ from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig, InputOverride
 from service.inference.adapters import Adapter, UltralyticsPoseAdapter, build_adapter
 from service.inference.config import PROVIDER_ALIASES, GpuConfig, InferenceConfig
-from service.inference.cpu_graph import CpuGraph, cpu_graph
+from service.inference.cpu_graph import CpuGraph, cpu_graph, describe_rewrites
 from service.inference.gpu import DeviceRunner, run_chunks
 from service.inference.metadata import ModelInfo, model_info_from_session, read_model_info
 from service.inference.openvino import OPENVINO, OpenVinoSession
@@ -583,7 +583,7 @@ class OrtModel:
             "dynamic" if self.info.dynamic_batch else f"fixed {self.info.fixed_batch}",
             f"; GPU: {self.device_setup.describe()}" if self.device_setup
             else f"; {self._session.describe()}" if isinstance(self._session, OpenVinoSession)
-            else f"; CPU graph rewrites: {CpuGraph(None, self.cpu_rewrites).describe()}"
+            else f"; CPU graph rewrites: {describe_rewrites(self.cpu_rewrites)}"
             if self.cpu_rewrites else "",
         )
         for p in (*GPU_PROVIDERS, *CPU_RUNTIMES):
@@ -686,12 +686,15 @@ class OrtModel:
 
     @property
     def acceleration(self) -> dict[str, Any] | None:
-        """The GPU fast path's settings as they run, or OpenVINO's precision (None on
-        ONNX Runtime's CPU), for the API."""
+        """The GPU fast path's settings as they run, OpenVINO's precision, or the graph
+        rewrites ONNX Runtime's CPU runs with (None: the file runs as it is), for the API."""
         if isinstance(self._session, OpenVinoSession):
             return {"provider": OPENVINO, "precision": self._session.precision,
                     "requested_precision": self._session.requested_precision}
-        return None if self.device_setup is None else self.device_setup.to_dict()
+        if self.device_setup is None:
+            return {"provider": CPU, "cpu_rewrites": self.cpu_rewrites} if self.cpu_rewrites \
+                else None
+        return self.device_setup.to_dict()
 
     @property
     def classes(self) -> tuple[ClassInfo, ...]:

@@ -14,7 +14,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.inference.config import InferenceConfig
-from service.inference.cpu_graph import cpu_graph, last_axis_softmax, rewrite_for_cpu, split_convs
+from service.inference.cpu_graph import (
+    cpu_graph,
+    describe_rewrites,
+    last_axis_softmax,
+    rewrite_for_cpu,
+    split_convs,
+)
 from service.inference.session import open_model_session
 
 RNG = np.random.default_rng(7)
@@ -193,7 +199,7 @@ def test_cpu_graph_of_a_file(tmp_path: Path) -> None:
     onnx.save(conv_split_model(), split)
     graph = cpu_graph(split)
     assert graph.model is not None
-    assert graph.describe() == "1 conv+split"
+    assert describe_rewrites(graph.rewrites) == "1 conv+split"
     assert "Split" not in ops(onnx.load_from_string(graph.model))
     external = tmp_path / "external.onnx"  # weights in a file beside it: ORT loads it
     onnx.save(conv_split_model(), external, save_as_external_data=True,

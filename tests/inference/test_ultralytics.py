@@ -116,6 +116,8 @@ def test_raw_export_matches_ultralytics_predict(
                       AdapterConfig.model_validate({"nms": {"iou": iou}}))
     assert model.adapter.name == "ultralytics"
     assert set(model.cpu_rewrites) == {"conv+split", "softmax (not last axis)"}  # ran rewritten
+    assert model.acceleration == {"provider": "CPUExecutionProvider",
+                                  "cpu_rewrites": model.cpu_rewrites}  # as the API shows it
     ours = list(predict_files(model, images))
     assert assert_parity(ours, theirs) >= 3  # thresholds chosen so that instances exist
 
