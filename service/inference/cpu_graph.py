@@ -127,11 +127,20 @@ class _Graph:
         self._used_names = {*self.producer, *self.initializers, *(i.name for i in g.input)}
 
     def value(self, name: str) -> np.ndarray | None:
+        """The constant ``name`` holds: an initializer or a Constant node's output,
+        through Identity nodes (exporters share equal initializers that way)."""
         from onnx import numpy_helper
 
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        return self._constant.get(name)
+        for _ in range(16):
+            if name in self.initializers:
+                return numpy_helper.to_array(self.initializers[name])
+            if name in self._constant:
+                return self._constant[name]
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
 
     def only_use(self, name: str) -> bool:
         return self.uses[name] == 1
@@ -146,14 +155,22 @@ class _Graph:
 
     def replace(self, replaced: dict[int, list[Any]]) -> None:
         """Put each node whose id is a key by the key's nodes (an empty list drops it),
-        keeping the topological order, then drop initializers nothing uses any more."""
+        keeping the topological order, then drop the Constant and Identity nodes and the
+        initializers nothing uses any more (a split Conv's weights, sizes, shared bias)."""
         nodes = []
         for n in self.graph.node:
             nodes.extend(replaced.get(id(n), [n]))
+        outputs = {v.name for v in self.graph.output}
+        while True:
+            read = Counter(i for n in nodes for i in n.input if i)
+            dead = {id(n) for n in nodes if n.op_type in ("Constant", "Identity")
+                    and not any(read[o] or o in outputs for o in n.output)}
+            if not dead:
+                break
+            nodes = [n for n in nodes if id(n) not in dead]
         del self.graph.node[:]
         self.graph.node.extend(nodes)
-        used = {i for n in nodes for i in n.input} | {
-            v.name for v in (*self.graph.output, *self.graph.input)}
+        used = set(read) | outputs | {v.name for v in self.graph.input}
         keep = [i for i in self.graph.initializer if i.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)

@@ -64,7 +64,7 @@ def fvi(name: str, shape: list[Any]) -> Any:
 def conv_split_model(
     *, activation: str = "silu", sizes: tuple[int, ...] = (16, 32),
     opset: int = 17, group: int = 1, axis: int = 1, bias: bool = True, split_as: str = "input",
-    extra_use: bool = False,
+    extra_use: bool = False, shared_bias: bool = False,
 ) -> onnx.ModelProto:
     """x [1, 4, 10, 12] -> Conv(3x3) -> activation -> Split -> each part * 2."""
     c_out = sum(sizes) if axis == 1 else 48
@@ -72,12 +72,16 @@ def conv_split_model(
         "W": RNG.normal(size=(c_out, 4 // group, 3, 3)).astype(np.float32),
     }
     conv_in = ["x", "W"]
+    nodes: list[Any] = []
     if bias:
         inits["B"] = RNG.normal(size=c_out).astype(np.float32)
         conv_in.append("B")
+    if shared_bias:  # as torch's exporter shares equal initializers: B2 = Identity(B)
+        nodes.append(helper.make_node("Identity", ["B"], ["B2"]))
+        conv_in[2] = "B2"
     conv_out = "a" if activation == "none" else "c"
-    nodes = [helper.make_node("Conv", conv_in, [conv_out], name="conv", pads=[1, 1, 1, 1],
-                              group=group)]
+    nodes.append(helper.make_node("Conv", conv_in, [conv_out], name="conv", pads=[1, 1, 1, 1],
+                                  group=group))
     if activation == "silu":
         nodes += [helper.make_node("Sigmoid", ["c"], ["s"]),
                   helper.make_node("Mul", ["c", "s"], ["a"])]
@@ -115,11 +119,12 @@ def x_input() -> dict[str, np.ndarray]:
     ("LeakyRelu", 13, "equal", [16, 16]),
     ("none", 17, "input", [16, 16, 32]),
 ])
+@pytest.mark.parametrize("shared_bias", [False, True])
 def test_conv_split_becomes_one_conv_per_part_with_the_same_outputs(
-    activation: str, opset: int, split_as: str, sizes: list[int]
+    activation: str, opset: int, split_as: str, sizes: list[int], shared_bias: bool
 ) -> None:
     model = conv_split_model(activation=activation, opset=opset, split_as=split_as,
-                             sizes=tuple(sizes))
+                             sizes=tuple(sizes), shared_bias=shared_bias)
     new, count = rewritten(model, split_convs)
     assert count == 1
     assert "Split" not in ops(new)

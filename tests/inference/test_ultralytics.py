@@ -161,6 +161,24 @@ def test_raw_export_on_openvino_f32_matches_ultralytics_predict(
 
 
 @pytest.mark.slow
+def test_cpu_rewrites_of_a_yolov8_export_at_opset_12(tmp_path: Path) -> None:
+    """YOLOv8 (C2f blocks) at opset 12: Split takes its sizes as an attribute and the DFL
+    Softmax is exported another way; the Splits are still rewritten, with the same outputs."""
+    from service.inference.session import open_model_session
+
+    path = Path(ultra("export", "--out", str(tmp_path), "--imgsz", "320", "--arch", "v8",
+                      "--opset", "12", "--raw-only", "--calib", *map(str, COCO[:2]))[0]["raw"])
+    config = InferenceConfig(providers=["cpu"])
+    on = open_model_session(path, config)
+    off = open_model_session(path, config.model_copy(update={"cpu_rewrites": False}))
+    assert on.cpu_rewrites == {"conv+split": 8}  # one per C2f block of YOLOv8n
+    x = np.random.default_rng(5).random((1, 3, 320, 320), dtype=np.float32)
+    name = on.session.get_inputs()[0].name
+    np.testing.assert_allclose(on.session.run(None, {name: x})[0],
+                               off.session.run(None, {name: x})[0], atol=0.01)
+
+
+@pytest.mark.slow
 def test_nms_free_export_matches_ultralytics_predict(
     exported: dict[str, Path], images: list[Path]
 ) -> None:

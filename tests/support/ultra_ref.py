@@ -46,7 +46,8 @@ def calibration_batch(images: list[str], imgsz: int) -> Any:
     return torch.nn.functional.interpolate(coarse, size=(imgsz, imgsz), mode="bilinear")
 
 
-def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None) -> dict[str, str]:
+def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
+           arch: str = "11", opset: int | None = None, raw_only: bool = False) -> dict[str, str]:
     import torch
     import ultralytics
     import yaml
@@ -54,12 +55,13 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None) -> 
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    stock = Path(ultralytics.__file__).parent / "cfg" / "models" / "11" / "yolo11-pose.yaml"
+    family = "yolo11" if arch == "11" else "yolov8"
+    stock = Path(ultralytics.__file__).parent / "cfg" / "models" / arch / f"{family}-pose.yaml"
     cfg = yaml.safe_load(stock.read_text())
     cfg["nc"] = 1  # the person layout of the pretrained models: [1, 4 + 1 + 17*3, A]
     work = out / "build"
     work.mkdir(exist_ok=True)
-    yaml_path = work / "yolo11n-pose.yaml"  # the "n" in the name picks the nano scale
+    yaml_path = work / f"{family}n-pose.yaml"  # the "n" in the name picks the nano scale
     yaml_path.write_text(yaml.safe_dump(cfg))
     model = YOLO(str(yaml_path), task="pose")
     # Untrained, the activations vanish layer by layer (every anchor gets the same output).
@@ -83,9 +85,14 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None) -> 
                 last.weight.normal_(0.0, std / last.weight.shape[1] ** 0.5)
                 last.bias.fill_(bias)
     result = {}
-    for key, kwargs in (("raw", {}), ("nms", {"nms": True})):
+    kinds: list[tuple[str, dict[str, Any]]] = [("raw", {})]
+    if not raw_only:
+        kinds.append(("nms", {"nms": True}))
+    for key, kwargs in kinds:
+        if opset is not None:
+            kwargs["opset"] = opset
         exported = Path(model.export(format="onnx", imgsz=imgsz, verbose=False, **kwargs))
-        target = out / ("yolo11n-pose.onnx" if key == "raw" else "yolo11n-pose-nms.onnx")
+        target = out / (f"{family}n-pose.onnx" if key == "raw" else f"{family}n-pose-nms.onnx")
         shutil.move(str(exported), target)
         result[key] = str(target)
     return result
@@ -132,6 +139,9 @@ def main(argv: list[str]) -> int:
     ex.add_argument("--imgsz", type=int, default=640)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--calib", nargs="*", default=[], help="images for BatchNorm calibration")
+    ex.add_argument("--arch", choices=["11", "v8"], default="11", help="YOLO11 or YOLOv8")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (Ultralytics' default)")
+    ex.add_argument("--raw-only", action="store_true", help="skip the NMS-free export")
     pr = sub.add_parser("predict")
     pr.add_argument("--model", required=True)
     pr.add_argument("--conf", type=float, default=0.25)
@@ -148,7 +158,8 @@ def main(argv: list[str]) -> int:
     # Ultralytics prints progress to stdout: keep stdout for the JSON lines only.
     with contextlib.redirect_stdout(sys.stderr):
         if args.cmd == "export":
-            emit(export(args.out, args.imgsz, args.seed, args.calib))
+            emit(export(args.out, args.imgsz, args.seed, args.calib, args.arch, args.opset,
+                        args.raw_only))
         elif args.cmd == "predict":
             predict(args.model, args.images, args.conf, args.iou, args.max_det)
         else:
