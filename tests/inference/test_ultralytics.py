@@ -222,3 +222,29 @@ def test_time_ultralytics_stream_loop(exported: dict[str, Path]) -> None:
         pytest.skip("../shared/data/videos is absent")
     timing = time_ultralytics(exported["raw"], str(clip), 2.0, ROOT, warmup=2)
     assert timing.fps > 0 and timing.frames >= 1 and timing.seconds >= 2.0
+
+
+@pytest.mark.slow
+def test_bench_compares_with_ultralytics_before_and_after_the_pipeline(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    from service.bench import run_bench
+
+    clip = DATA / "videos" / "intel_bolt-multi-size-detection_preview_h264.mp4"
+    if not clip.exists():
+        pytest.skip("../shared/data/videos is absent")
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        f"cameras:\n  - id: cam\n    source: {json.dumps(str(clip.resolve()))}\n"
+        f"models:\n  - id: m\n    path: {json.dumps(str(exported['raw']))}\n"
+        "    score_threshold: 0.25\n    max_batch: 1\n"
+        f"store:\n  url: {json.dumps('sqlite:///' + str(tmp_path / 'bench.db'))}\n"
+    )
+    result = run_bench(config, seconds=3.0, warmup_s=1.0, raw_seconds=1.0,
+                       compare="ultralytics", replay_frames=10)
+    runs = result["ultralytics_fps_runs"]
+    assert len(runs) == 2 and all(r > 0 for r in runs)  # before and after the pipeline
+    assert min(runs) <= result["ultralytics_fps"] <= max(runs)
+    assert result["speedup_vs_ultralytics"] == pytest.approx(
+        result["fps"] / result["ultralytics_fps"], rel=0.01)
+    assert result["cpu_rewrites"]["conv+split"] >= 8  # the YOLO export runs rewritten
