@@ -42,6 +42,8 @@ MAX_REWRITE_BYTES = 512 * 1024 * 1024
 # detection head's 1x1 Conv split 4/2/2/10/20/40 ran 2.5 % slower rewritten).
 CHANNEL_BLOCK = 16
 
+_ONNX = ("", "ai.onnx")  # the default domain (a custom domain's "Relu" is another operator)
+
 # Elementwise activations of one input that may sit between the Conv and the Split.
 _UNARY = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
@@ -181,13 +183,14 @@ def _activation_chain(g: _Graph, split_input: str) -> tuple[Any, list[Any]] | No
     through one activation (SiLU as Sigmoid + Mul, or one of ``_UNARY``), and nothing
     else reads the Conv's output or the activation's intermediate values."""
     node = g.producer.get(split_input)
-    if node is None:
+    if node is None or node.domain not in _ONNX:
         return None
     if node.op_type == "Conv":
         return node, []
     if node.op_type in _UNARY and len(node.input) == 1:
         conv = g.producer.get(node.input[0])
-        if conv is not None and conv.op_type == "Conv" and g.only_use(conv.output[0]):
+        if (conv is not None and conv.op_type == "Conv" and conv.domain in _ONNX
+                and g.only_use(conv.output[0])):
             return conv, [node]
         return None
     if node.op_type == "Mul" and len(node.input) == 2:  # SiLU: x * sigmoid(x)
@@ -195,8 +198,8 @@ def _activation_chain(g: _Graph, split_input: str) -> tuple[Any, list[Any]] | No
             sig = g.producer.get(s)
             conv = g.producer.get(x)
             if (sig is not None and sig.op_type == "Sigmoid" and sig.input[0] == x
-                    and conv is not None and conv.op_type == "Conv"
-                    and g.uses[x] == 2 and g.only_use(s)):
+                    and sig.domain in _ONNX and conv is not None and conv.op_type == "Conv"
+                    and conv.domain in _ONNX and g.uses[x] == 2 and g.only_use(s)):
                 return conv, [sig, node]
     return None
 
@@ -229,7 +232,8 @@ def split_convs(model: Any) -> int:
     opset = _opset(model)
     replaced: dict[int, list[Any]] = {}
     for split in list(g.graph.node):
-        if split.op_type != "Split" or not split.input or not g.only_use(split.input[0]):
+        if (split.op_type != "Split" or split.domain not in _ONNX or not split.input
+                or not g.only_use(split.input[0])):
             continue
         chain = _activation_chain(g, split.input[0])
         if chain is None:
@@ -238,6 +242,8 @@ def split_convs(model: Any) -> int:
         weight = g.value(conv.input[1]) if len(conv.input) > 1 else None
         bias = g.value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
         if weight is None or (len(conv.input) > 2 and conv.input[2] and bias is None):
+            continue
+        if weight.dtype != np.float32:  # float16 models: the CPU provider's kernels vary
             continue
         if _attr(conv, "group", 1) != 1 or any(id(n) in replaced for n in (conv, *acts)):
             continue
@@ -285,7 +291,7 @@ def split_convs(model: Any) -> int:
 
 
 def _ranks(model: Any) -> dict[str, int]:
-    """The rank of every value whose shape ONNX's shape inference knows."""
+    """The rank of every float32 value whose shape ONNX's shape inference knows."""
     import onnx
 
     try:
@@ -297,7 +303,7 @@ def _ranks(model: Any) -> dict[str, int]:
     g = inferred.graph
     for v in (*g.value_info, *g.input, *g.output):
         t = v.type.tensor_type
-        if t.HasField("shape"):
+        if t.HasField("shape") and t.elem_type == onnx.TensorProto.FLOAT:
             ranks[v.name] = len(t.shape.dim)
     return ranks
 
@@ -305,14 +311,15 @@ def _ranks(model: Any) -> dict[str, int]:
 def last_axis_softmax(model: Any) -> int:
     """Rewrite each Softmax over an axis that is not the last (opset 13 and later, where
     the axis is one axis) into ReduceMax, Sub, Exp, ReduceSum, Div over that axis; return
-    how many. A Softmax whose input rank shape inference cannot tell is left alone."""
+    how many. A Softmax whose input rank shape inference cannot tell, or whose input is
+    not float32, is left alone."""
     from onnx import helper, numpy_helper
 
     opset = _opset(model)
     if opset < 13:  # before 13, Softmax flattens [axis:] into one: another operator
         return 0
     candidates = [n for n in model.graph.node
-                  if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
+                  if n.op_type == "Softmax" and n.domain in _ONNX]
     if not candidates:
         return 0
     ranks = _ranks(model)

@@ -244,3 +244,33 @@ def test_a_rewritten_graph_ort_refuses_falls_back_to_the_file(
     assert opened.cpu_rewrites == {}
     assert "refused the rewritten graph" in caplog.text
     assert len(opened.session.run(None, x_input())) == 2  # the file as it is runs
+
+
+def test_float16_graphs_are_left_alone() -> None:
+    nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=1)]
+    shape = [1, 16, 4, 50]
+    half = model_of(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, shape)],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT16, shape)], {})
+    assert rewritten(half, last_axis_softmax)[1] == 0
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Split", ["c"], ["a", "b"], axis=1)]
+    half_conv = model_of(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4, 10, 12])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, 16, 10, 12])
+         for n in ("a", "b")],
+        {"W": RNG.normal(size=(32, 4, 3, 3)).astype(np.float16)})
+    assert rewritten(half_conv, split_convs)[1] == 0
+    # the same graphs in float32 are rewritten (the tests above check their outputs)
+    assert rewritten(softmax_model(1, 17), last_axis_softmax)[1] == 1
+
+
+def test_operators_of_another_domain_are_left_alone() -> None:
+    model = conv_split_model(activation="Relu")
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.domain = "com.example"  # someone's own "Relu": not ONNX's
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert split_convs(copy) == 0
+    assert copy.SerializeToString() == model.SerializeToString()
