@@ -2,8 +2,9 @@
 
 ONNX Runtime's CPU provider runs convolutions in a channel-blocked layout (NCHWc) and
 converts back to plain NCHW around every operator that layout lacks. Two patterns of
-every Ultralytics YOLO export (v5u, v8, 11; detect, pose, segment) cost it more than
-they should, and each has an exact rewrite (same arithmetic, float rounding aside):
+Ultralytics' YOLOv8 and YOLO11 exports (checked on pose exports at opsets 11-17) cost it
+more than they should, and each has an exact rewrite (same arithmetic, float rounding
+aside):
 
 - :func:`split_convs`: ``Conv -> activation -> Split`` on the channel axis (the ``cv1``
   of each C2f/C3k2 block, ``.chunk(2, 1)``). NCHWc has no Split, so the block leaves the
@@ -87,7 +88,13 @@ def cpu_graph(path: Path) -> CpuGraph:
 
 def rewrite_for_cpu(model: Any) -> dict[str, int]:
     """Apply every CPU rewrite to ``model`` (an ``onnx.ModelProto``) in place; return
-    the count of each that was made (empty: the model is unchanged)."""
+    the count of each that was made (empty: the model is unchanged). A graph with
+    control flow (If, Loop, Scan: subgraphs may read any value) is left alone."""
+    from onnx import AttributeProto
+
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+           for n in model.graph.node for a in n.attribute):
+        return {}
     counts = {
         "conv+split": split_convs(model),
         "softmax (not last axis)": last_axis_softmax(model),

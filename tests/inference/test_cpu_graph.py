@@ -274,3 +274,20 @@ def test_operators_of_another_domain_are_left_alone() -> None:
     copy.CopyFrom(model)
     assert split_convs(copy) == 0
     assert copy.SerializeToString() == model.SerializeToString()
+
+
+def test_a_graph_with_control_flow_is_left_alone() -> None:
+    """A subgraph may read any value of the graph (here the Conv's output), so nothing in
+    a graph with If, Loop or Scan is rewritten."""
+    model = conv_split_model(activation="none")
+    branch = helper.make_graph([helper.make_node("Identity", ["a"], ["z"])], "then", [],
+                               [fvi("z", ["n", "c", "h", "w"])])
+    model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    model.graph.node.append(helper.make_node("If", ["flag"], ["picked"], then_branch=branch,
+                                             else_branch=branch))
+    model.graph.output.append(fvi("picked", ["n", "c", "h", "w"]))
+    onnx.checker.check_model(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert rewrite_for_cpu(copy) == {}
+    assert copy.SerializeToString() == model.SerializeToString()
