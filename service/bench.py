@@ -14,7 +14,8 @@ the mean reported, so that a load that changes during the run weighs on both).
 ``overhead_ratio = raw_model_fps / fps`` is what the pipeline costs on top of the
 model (1.0 = nothing).  A model with several instances (``instances``) loops as that
 many sessions side by side; ``single_session_fps`` is then also timed: one session
-with every core, the plain loop a user would write.  A model on OpenVINO
+with every core on the file as it is (no CPU graph rewrites), the plain loop a user would
+write.  A model on OpenVINO
 (``providers: [openvino, ...]``) is also looped on ONNX Runtime's CPU provider with the
 same instances and threads: ``onnxruntime_raw_fps``, and ``fps_vs_onnxruntime_raw``.
 ``--compare ultralytics`` times Ultralytics' predict loop on the same file and clip, also
@@ -386,10 +387,12 @@ def run_bench(
         batch=raw_runs[-1].batch,
     )
     single: RawResult | None = None
-    if loaded.model.instances > 1:  # the plain alternative: one session on every core
+    if loaded.model.instances > 1:  # the plain alternative: one session on every core,
+        # on the file as it is (no CPU graph rewrites): what a user's own loop gets
         single = raw_model_fps(
             loaded, images, raw_s / 2, instances=1,
-            threads={"intra_op_threads": usable_cores(), "spin_wait": True},
+            threads={"intra_op_threads": usable_cores(), "spin_wait": True,
+                     "cpu_rewrites": False},
         )
     on_ort: RawResult | None = None
     if loaded.model.provider == OPENVINO:  # the same loop on ONNX Runtime, to compare with

@@ -226,9 +226,19 @@ def test_time_ultralytics_stream_loop(exported: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_bench_compares_with_ultralytics_before_and_after_the_pipeline(
-    exported: dict[str, Path], tmp_path: Path
+    exported: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from service.bench import run_bench
+    from service.inference import session as session_mod
+
+    bare_loops: list[tuple[int, bool]] = []  # (threads, cpu_rewrites) of each bare loop
+    plain_open = session_mod.open_session
+
+    def recording(path: Path, config: InferenceConfig) -> Any:
+        bare_loops.append((config.intra_op_threads, config.cpu_rewrites))
+        return plain_open(path, config)
+
+    monkeypatch.setattr(session_mod, "open_session", recording)
 
     clip = DATA / "videos" / "intel_bolt-multi-size-detection_preview_h264.mp4"
     if not clip.exists():
@@ -248,3 +258,9 @@ def test_bench_compares_with_ultralytics_before_and_after_the_pipeline(
     assert result["speedup_vs_ultralytics"] == pytest.approx(
         result["fps"] / result["ultralytics_fps"], rel=0.01)
     assert result["cpu_rewrites"]["conv+split"] >= 8  # the YOLO export runs rewritten
+    assert (result["threads"]["intra_op"], True) in bare_loops  # the graph the pipeline runs
+    if session_mod.usable_cores() >= 2:
+        # a heavy model: two instances, and single_session_fps, a user's plain loop: one
+        # session on every core, on the file as it is
+        assert result["instances"] == 2 and result["single_session_fps"] > 0
+        assert bare_loops[-1] == (session_mod.usable_cores(), False)
