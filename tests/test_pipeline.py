@@ -769,3 +769,12 @@ def test_changes_from_two_threads_are_stored_in_the_engines_order(tmp_path: Path
         if event.name in last:
             assert event.old == last[event.name], (event, last)
         last[event.name] = event.new
+
+
+def test_the_next_batch_is_prepared_a_share_of_the_run_before_it_ends() -> None:
+    from service.pipeline import prepare_at
+
+    # a heavy CPU model (60 ms runs, 2 ms to prepare): 10 % of the run ahead of its end
+    assert prepare_at(100.0, 0.060, 0.002) == pytest.approx(100.0 + 0.060 - 0.002 - 0.006)
+    # a light model (5 ms runs): the fixed 1 ms margin
+    assert prepare_at(100.0, 0.005, 0.001) == pytest.approx(100.0 + 0.005 - 0.001 - 0.001)
