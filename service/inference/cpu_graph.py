@@ -69,21 +69,33 @@ def describe_rewrites(rewrites: dict[str, int]) -> str:
 def cpu_graph(path: Path) -> CpuGraph:
     """The model file with :func:`rewrite_for_cpu` applied (``model`` None when nothing
     matched, the file is too large or ONNX cannot read it: ORT then reports on the file)."""
+    model, rewrites = _rewritten(path)
+    if model is None or not rewrites:
+        return CpuGraph(None, {})
+    return CpuGraph(model.SerializeToString(), rewrites)
+
+
+def cpu_rewrites_of(path: Path) -> dict[str, int]:
+    """What :func:`cpu_graph` would rewrite in the file (``model inspect``), without
+    serializing the rewritten copy."""
+    return _rewritten(path)[1]
+
+
+def _rewritten(path: Path) -> tuple[Any, dict[str, int]]:
+    """The file's ``onnx.ModelProto`` with the rewrites made, and their counts; (None, {})
+    for a file left as it is (too large, unreadable, weights in external files)."""
     import onnx
 
     if path.stat().st_size > MAX_REWRITE_BYTES:
-        return CpuGraph(None, {})
+        return None, {}
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # a damaged file: ORT's own load names what is wrong
         log.debug("cpu graph rewrites skipped for %s: %s", path, exc)
-        return CpuGraph(None, {})
+        return None, {}
     if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
-        return CpuGraph(None, {})  # weights in files beside it: ORT loads it from its path
-    rewrites = rewrite_for_cpu(model)
-    if not rewrites:
-        return CpuGraph(None, {})
-    return CpuGraph(model.SerializeToString(), rewrites)
+        return None, {}  # weights in files beside it: ORT loads it from its path
+    return model, rewrite_for_cpu(model)
 
 
 def rewrite_for_cpu(model: Any) -> dict[str, int]:
@@ -103,8 +115,7 @@ def rewrite_for_cpu(model: Any) -> dict[str, int]:
 
 
 def _opset(model: Any) -> int:
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-               default=1)
+    return max((o.version for o in model.opset_import if o.domain in _ONNX), default=1)
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 from service.errors import ModelError
 from service.inference.adapter_config import AdapterConfig
 from service.inference.adapters import configured_adapter, registered_adapters
-from service.inference.cpu_graph import cpu_graph, describe_rewrites
+from service.inference.cpu_graph import cpu_rewrites_of, describe_rewrites
 from service.inference.inputs import apply_input_override
 from service.inference.metadata import ModelInfo, read_model_info
 
@@ -32,7 +32,7 @@ def inspect_model(
     report = raw.to_dict()
     forced = settings.kind != "auto"
     report.update(forced=forced, settings_from=source,
-                  cpu_rewrites=cpu_graph(Path(path)).rewrites)
+                  cpu_rewrites=cpu_rewrites_of(Path(path)))
     try:
         info, normalizer, choice = configured_adapter(raw, settings)
     except ModelError as exc:
