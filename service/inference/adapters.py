@@ -450,7 +450,9 @@ def ultralytics_preprocess(
         ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value, batch[i])[1]
         for i, im in enumerate(images)
     ]
-    feed = converted(batch, to_model_input(batch, spec, normalizer, buffers), buffers)
+    feed = converted(
+        batch, to_model_input(batch, spec, normalizer, buffers, transforms), buffers
+    )
     return {spec.name: feed}, transforms
 
 

@@ -10,6 +10,7 @@ bilinear resize to ``round(side * r)``, 114 gray, ``round(pad - 0.1)`` top/left.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -56,12 +57,13 @@ def apply_input_override(
 
 def to_model_input(
     batch: np.ndarray, spec: InputSpec, normalizer: Normalizer | None = None,
-    buffers: BatchBuffers | None = None,
+    buffers: BatchBuffers | None = None, transforms: Sequence[Transform] | None = None,
 ) -> np.ndarray:
     """(B, H, W, 3) uint8 BGR -> the model's input tensor (a planar float batch from
-    ``buffers`` when given and there is no mean/std step)."""
+    ``buffers`` when given and there is no mean/std step; ``transforms``: see
+    :func:`to_layout`)."""
     if normalizer is None:
-        return to_layout(batch, spec, buffers)
+        return to_layout(batch, spec, buffers, transforms)
     x = batch[..., ::-1] if spec.color == "RGB" else batch
     mean = np.asarray(normalizer.mean, np.float32)
     inv_std = 1.0 / np.asarray(normalizer.std, np.float32)

@@ -141,6 +141,34 @@ def test_nchw_float_conversion_equals_the_plain_numpy_chain(
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("color", ["RGB", "BGR"])
+@pytest.mark.parametrize("normalization", ["unit", "in-graph"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("resize", ["letterbox", "stretch"])
+def test_a_batch_converted_by_content_rows_equals_the_whole_conversion(
+    color: str, normalization: str, dtype: str, resize: str
+) -> None:
+    """make_batch converts only the rows that hold an image and fills the padding rows
+    with the pad value converted: the tensor must equal converting every row, whatever a
+    reused batch array held before (NaN here)."""
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, size, dtype=np.uint8)
+              for size in ((9, 32, 3), (48, 20, 3), (24, 32, 3), (1, 64, 3), (25, 31, 3))]
+    s = spec(height=24, width=32, layout="NCHW", dtype=dtype, color=color,
+             normalization=normalization, resize=resize)
+    buffers = BatchBuffers()
+    stale = buffers.take((len(images), 3, 24, 32), dtype)
+    stale[...] = np.nan
+    buffers.give([stale])
+    out, transforms = make_batch(images, s, buffers)
+    assert out is stale
+    fitted, same = make_batch(images, spec(height=24, width=32, resize=resize))
+    assert same == transforms
+    if resize == "letterbox":  # rows of padding above and below the wide images
+        assert [t.content_rows for t in transforms][:2] == [(7, 16), (0, 24)]
+    np.testing.assert_array_equal(out, to_layout(fitted, s))
+
+
 @pytest.mark.parametrize("size", [(480, 640), (300, 200), (640, 640), (17, 640)])
 def test_letterbox_and_stretch_into_a_batch_row_equal_the_fresh_result(
     size: tuple[int, int],
