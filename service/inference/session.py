@@ -334,8 +334,9 @@ def open_model_session(
 
     if not path.is_file():
         raise ModelError(
-            f"Model file {str(path)!r} does not exist. Check the model path in the config "
-            "(relative paths are resolved from the working directory)."
+            f"Model file {str(path)!r} does not exist. Check the path given to --model "
+            "(relative to the working directory) or a model's path in the config (relative "
+            "to the config file's directory)."
         )
     gpu = nvidia_driver_present()
     requested = resolve_providers(config.providers, ort.get_available_providers(), gpu)
