@@ -221,15 +221,45 @@ def cuda_provider(device_id: int = 0, cuda_graph: bool = False) -> tuple[str, di
     return CUDA, opts
 
 
+def tensorrt_version() -> str | None:
+    """The version of the TensorRT library that loads here (``getInferLibVersion``, e.g.
+    ``101300`` for 10.13.0), or None without one."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = getattr(lib, "getInferLibVersion", None)
+        if version is None:
+            return None
+        version.restype = ctypes.c_int32
+        return str(version())
+    return None
+
+
+def gpu_models(root: Path = Path("/proc/driver/nvidia/gpus")) -> tuple[str, ...]:
+    """The model names of the NVIDIA GPUs the driver lists (its ``information`` files)."""
+    names: list[str] = []
+    for info in sorted(root.glob("*/information")):
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("Model:"):
+                names.append(line.split(":", 1)[1].strip())
+    return tuple(names)
+
+
 def engine_cache_key(model: Path | bytes, options: dict[str, Any]) -> str:
     """What an engine depends on: the model bytes, the provider settings (not the cache
-    paths) and the ONNX Runtime version."""
+    paths), the ONNX Runtime and TensorRT versions and the GPUs (an engine built by another
+    TensorRT or for another GPU does not load)."""
     import onnxruntime as ort
 
     h = hashlib.sha256(model.read_bytes() if isinstance(model, Path) else model)
     settings = {k: v for k, v in options.items() if not k.endswith("_path")}
     h.update(repr(sorted(settings.items())).encode())
     h.update(ort.__version__.encode())
+    h.update(repr((tensorrt_version(), gpu_models())).encode())
     return h.hexdigest()[:16]
 
 
@@ -275,7 +305,7 @@ def open_gpu_session(
                  "once: it is cached in %s", model_path, fp16, key_dir)
     t0 = time.perf_counter()
     session = ort.InferenceSession(str(model_path), sess_options=session_options,
-                                   providers=chosen)
+                                   providers=chosen, enable_fallback=0)
     if building:
         log.info("TensorRT engine for %s ready in %.1f s", model_path, time.perf_counter() - t0)
     return session
@@ -369,6 +399,7 @@ class DeviceRunner:
         device: str = "cuda",
         device_id: int = 0,
     ) -> None:
+        self.session = session
         self.name = name
         self.mode = mode
         self.fixed_batch = fixed_batch

@@ -70,19 +70,34 @@ def nvidia_driver_present() -> bool:
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
 
 
-def tensorrt_runtime_present() -> bool:
-    """Whether TensorRT's own library loads here.  onnxruntime-gpu lists the TensorRT
-    provider whether or not TensorRT is installed; without libnvinfer the provider
-    fails when a session is made, so ``auto`` leaves it out."""
+def _loads(candidates: Sequence[str]) -> bool:
+    """Whether one of the shared libraries ``candidates`` (names or paths) loads."""
     import ctypes
 
-    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+    for name in candidates:
         try:
             ctypes.CDLL(name)
         except OSError:
             continue
         return True
     return False
+
+
+def tensorrt_runtime_present() -> bool:
+    """Whether TensorRT's own library loads here.  onnxruntime-gpu lists the TensorRT
+    provider whether or not TensorRT is installed; without libnvinfer the provider
+    fails when a session is made, so ``auto`` leaves it out."""
+    return _loads(("libnvinfer.so.10", "libnvinfer.so"))
+
+
+def cudnn_runtime_present() -> bool:
+    """Whether cuDNN 9 loads here (from the library path, or the ``nvidia-cudnn`` wheel's
+    directory).  onnxruntime-gpu loads cuDNN only when an operator first needs it: without
+    it a CUDA session is made and then fails at its first convolution, so ``auto`` leaves
+    the CUDA provider out."""
+    wheels = [str(Path(p) / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9") for p in sys.path
+              if p and (Path(p) / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9").is_file()]
+    return _loads(("libcudnn.so.9", "libcudnn.so", *wheels))
 
 
 def resolve_providers(
@@ -98,6 +113,11 @@ def resolve_providers(
                 log.info("TensorRT's library (libnvinfer) does not load here: "
                          "providers auto uses CUDA without TensorRT")
                 gpus.remove(GPU_PROVIDERS[0])
+            if GPU_PROVIDERS[1] in gpus and not cudnn_runtime_present():
+                log.warning("cuDNN 9 (libcudnn.so.9) does not load here: providers auto "
+                            "leaves the CUDA provider out (install cuDNN 9 for CUDA 13, or "
+                            "put its lib directory on LD_LIBRARY_PATH)")
+                gpus.remove(GPU_PROVIDERS[1])
             return [*gpus, CPU]
     names = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
     if not names:
@@ -293,21 +313,34 @@ def device_graph(path: Path, info: ModelInfo, gpu: GpuConfig) -> DeviceGraph:
     return DeviceGraph(graph, uint8, candidates)
 
 
+class SessionRefused(ModelError):
+    """ONNX Runtime could not create a session on the providers asked for."""
+
+
 def _create_session(
     model: str | bytes, so: Any, providers: Sequence[Any], path: Path
 ) -> Any:
+    """An ORT session on exactly ``providers`` (with their options), or SessionRefused.
+
+    ONNX Runtime's own fallback is off: on a failure to create the session it would retry
+    on CUDA/CPU *without the provider options* (device_id, CUDA graphs, ...), and on a
+    provider failure during a run it would switch the session to the CPU, both with a
+    message on stdout only.  The caller decides what to try next instead."""
     import onnxruntime as ort
 
     captured = io.StringIO()
     try:
-        # ORT prints its provider fall-back to stdout; keep stdout clean for --json output.
-        with contextlib.redirect_stdout(captured):
-            session = ort.InferenceSession(model, sess_options=so, providers=list(providers))
+        with contextlib.redirect_stdout(captured):  # keep stdout clean for --json output
+            session = ort.InferenceSession(model, sess_options=so, providers=list(providers),
+                                           enable_fallback=0)
     except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, ...
-        raise ModelError(
-            f"Model file {str(path)!r} could not be loaded by ONNX Runtime "
-            f"({type(exc).__name__}: {str(exc).strip()[:300]}). Is it a complete, valid ONNX "
-            "file exported for opset <= the installed runtime supports?"
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        hint = (f"Check that the libraries of {names[0]} load here (CUDA, cuDNN, TensorRT)"
+                if names and names[0] != CPU else "Is it a complete, valid ONNX file exported "
+                "for opset <= the installed runtime supports?")
+        raise SessionRefused(
+            f"Model file {str(path)!r} could not be loaded by ONNX Runtime on "
+            f"{', '.join(names)} ({type(exc).__name__}: {str(exc).strip()[:300]}). {hint}"
         ) from exc
     if captured.getvalue().strip():
         log.info("onnxruntime: %s", " ".join(captured.getvalue().split()))
@@ -354,10 +387,32 @@ def open_model_session(
             fallback = open_model_session(path, config, cuda_graphs=cuda_graphs)
             return fallback._replace(requested=requested)
         return OpenedSession(session, requested, None, {})
-    device = _device_for(requested[0], gpu)
-    if device is None:
-        return _open_on_cpu(path, config, requested, requested)
-    return _open_on_device(path, config, requested, device, cuda_graphs)
+    return _open_first_that_works(path, config, requested, gpu, cuda_graphs)
+
+
+def _open_first_that_works(
+    path: Path, config: InferenceConfig, requested: list[str], gpu: bool, graphs_ok: bool
+) -> OpenedSession:
+    """The session on the first provider of ``requested`` that can create it: the GPU
+    fast path on a GPU provider, else the plain CPU path.  A provider that cannot
+    (TensorRT without libnvinfer, an engine that fails to build, ...) is dropped with a
+    warning and the next one is tried with its own options."""
+    providers = requested
+    while True:
+        device = _device_for(providers[0], gpu)
+        try:
+            if device is None:
+                opened = _open_on_cpu(path, config, requested, providers)
+            else:
+                opened = _open_on_device(path, config, providers, device, graphs_ok)
+            return opened._replace(requested=requested)
+        except SessionRefused as exc:
+            rest = providers[1:]
+            if not rest:
+                raise
+            log.warning("model %s: %s could not run it (%s); trying %s", path, providers[0],
+                        exc, ", ".join(rest))
+            providers = rest
 
 
 def _open_on_cpu(
@@ -366,14 +421,17 @@ def _open_on_cpu(
     """ONNX Runtime on the CPU provider (``providers``), on the rewritten graph
     (``config.cpu_rewrites``, service/inference/cpu_graph.py) when any rewrite applies."""
     rewritten = cpu_graph(path) if config.cpu_rewrites else CpuGraph(None, {})
+    refused: ModelError | None = None
     if rewritten.model is not None:
         try:
             session = _create_session(rewritten.model, _session_options(config), providers, path)
             return OpenedSession(session, requested, None, rewritten.rewrites)
         except ModelError as exc:  # never refuse a file over a rewrite: run it as it is
-            log.warning("model %s: ONNX Runtime refused the rewritten graph (%s); running the "
-                        "file as it is (set cpu_rewrites: false to skip the rewrites)", path, exc)
+            refused = exc
     session = _create_session(str(path), _session_options(config), providers, path)
+    if refused is not None:
+        log.warning("model %s: ONNX Runtime refused the rewritten graph (%s); running the "
+                    "file as it is (set cpu_rewrites: false to skip the rewrites)", path, refused)
     return OpenedSession(session, requested, None, {})
 
 
@@ -471,17 +529,18 @@ def _open_on_device(
     so = _session_options(config)
     try:
         session = _create_session(model, so, providers, path)
-    except ModelError as exc:
+    except SessionRefused as exc:
         if not graphs:
             raise
+        providers = [(p[0], {k: v for k, v in p[1].items()
+                             if k not in ("trt_cuda_graph_enable", "enable_cuda_graph")})
+                     if isinstance(p, tuple) else p for p in providers]
+        # raises when the graphs were not what the provider refused
+        session = _create_session(model, _session_options(config), providers, path)
         log.warning("model %s: CUDA graphs could not be enabled (%s); running without them",
                     path, exc)
         notes.append("cuda_graphs off: the session refused them (see the log)")
         graphs = False
-        providers = [(p[0], {k: v for k, v in p[1].items()
-                             if k not in ("trt_cuda_graph_enable", "enable_cuda_graph")})
-                     if isinstance(p, tuple) else p for p in providers]
-        session = _create_session(model, _session_options(config), providers, path)
     active = session.get_providers()[0]
     if building and active == g.TENSORRT:
         log.info("TensorRT engine for %s ready in %.1f s", path, time.perf_counter() - t0)
@@ -566,7 +625,8 @@ class OrtModel:
         self._before_warm_up()
         self._output_names = [o.name for o in self.info.outputs]
         self.last_timing = RunTiming(0, 0, 0.0, 0.0, 0.0)
-        runner = None if self.device_setup is None else self._make_device_runner(self.device_setup)
+        runner = (None if self.device_setup is None
+                  else self._make_device_runner(self._session, self.device_setup))
         self._instances = [_Instance(self._session, runner)]
         self._pool: queue.Queue[_Instance] = queue.Queue()  # the instances not running
         self._pool.put(self._instances[0])
@@ -671,12 +731,14 @@ class OrtModel:
         opened = open_model_session(self.path, self._session_config)
         setup = opened.setup
         return _Instance(opened.session,
-                         None if setup is None else self._make_device_runner(setup))
+                         None if setup is None else self._make_device_runner(opened.session, setup))
 
-    def _make_device_runner(self, setup: DeviceSetup) -> DeviceRunner:
+    def _make_device_runner(self, session: Any, setup: DeviceSetup) -> DeviceRunner:
+        """The device runner of ``session`` (each instance's own: CUDA graphs replay on the
+        buffers they were captured with, one session's)."""
         mode = "graph" if setup.cuda_graphs else "bound" if setup.io_binding else "plain"
         return DeviceRunner(
-            self._session, self.name, mode, self.info.fixed_batch, setup.profile_max_batch,
+            session, self.name, mode, self.info.fixed_batch, setup.profile_max_batch,
             setup.device, setup.device_id,
         )
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
+import service.inference.gpu as gpu_mod
 import service.inference.session as session_mod
 from service.app import inference_config
 from service.config import load_config
@@ -32,6 +34,7 @@ from service.inference.gpu import (
     DeviceRunner,
     GraphRunner,
     default_engine_cache_dir,
+    engine_cache_key,
     open_gpu_session,
     top_candidates_model,
     uint8_input_model,
@@ -462,6 +465,82 @@ def test_fast_path_three_steps_and_cuda_graph_buffers_on_cpu(
     assert model.last_timing.runs == 2  # padded chunks of the fixed batch
 
 
+def test_each_instance_runs_its_own_session_through_its_own_device_buffers(
+    tmp_path: Path, fast_path_on_cpu: None
+) -> None:
+    """With ``instances: 2`` every instance's device runner (its CUDA-graph buffers) is
+    bound to that instance's session: a graph replays what its own session captured, and
+    one session may not be run from two threads with CUDA graphs."""
+    path = float_pose_model(tmp_path / "f.onnx", batch=2)
+    images = frames(3, seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
+        ref = OrtModel(path, InferenceConfig(warmup_runs=0)).predict(images)
+    model = OrtModel(path, InferenceConfig(warmup_runs=1, instances=2,
+                                           gpu=GpuConfig(cuda_graphs=True)))
+    runners = model.device_runners
+    assert model.instances == 2 and [r.mode for r in runners] == ["graph", "graph"]
+    assert runners[0].session is not runners[1].session
+    with ThreadPoolExecutor(2) as pool:
+        for got in pool.map(lambda _: model.predict(images), range(6)):
+            assert_same(got, ref)
+
+
+def test_a_gpu_provider_that_cannot_make_the_session_is_dropped_keeping_the_next_ones_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime's own fallback would retry [CUDA, CPU] *without* their options
+    (device_id, CUDA graphs): LineWatch turns it off and retries itself."""
+    if HAS_TRT:
+        pytest.skip("needs a machine where the TensorRT provider cannot make a session")
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no TensorRT provider")
+    monkeypatch.setattr(session_mod, "nvidia_driver_present", lambda: True)
+    calls: list[list[Any]] = []
+    create = session_mod._create_session
+
+    def recording(model: Any, so: Any, providers: Any, path: Path) -> Any:
+        calls.append([p if isinstance(p, str) else (p[0], dict(p[1])) for p in providers])
+        return create(model, so, providers, path)
+
+    monkeypatch.setattr(session_mod, "_create_session", recording)
+    path = float_pose_model(tmp_path / "f.onnx")
+    config = InferenceConfig(providers=["tensorrt", "cuda", "cpu"], warmup_runs=0,
+                             gpu=GpuConfig(engine_cache_dir=tmp_path / "trt"))
+    with caplog.at_level(logging.WARNING):
+        model = OrtModel(path, config)
+    assert [c[0] if isinstance(c[0], str) else c[0][0] for c in calls][:2] == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert calls[1][0] == ("CUDAExecutionProvider", {
+        "device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"})
+    assert "TensorrtExecutionProvider could not run it" in caplog.text
+    if not HAS_GPU:  # and CUDA did not load either: the plain CPU session
+        assert model.provider == CPU and model.device_setup is None
+        assert calls[-1] == [CPU]
+        assert len(model.predict(frames(1))[0]) == 2
+
+
+def test_engine_cache_key_follows_the_tensorrt_version_and_the_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_gpu_models = gpu_mod.gpu_models
+    info = tmp_path / "gpus" / "0000:01:00.0" / "information"
+    info.parent.mkdir(parents=True)
+    info.write_text("Model: \t\t NVIDIA H200\nIRQ:   \t 42\n")
+    assert read_gpu_models(tmp_path / "gpus") == ("NVIDIA H200",)
+    assert read_gpu_models(tmp_path / "none") == ()
+    options = {"trt_fp16_enable": True, "trt_engine_cache_path": "/a"}
+    monkeypatch.setattr(gpu_mod, "tensorrt_version", lambda: "101300")
+    monkeypatch.setattr(gpu_mod, "gpu_models", lambda: ("NVIDIA H100 80GB HBM3",))
+    key = engine_cache_key(b"model", options)
+    assert engine_cache_key(b"model", {**options, "trt_engine_cache_path": "/b"}) == key
+    monkeypatch.setattr(gpu_mod, "tensorrt_version", lambda: "101400")
+    assert engine_cache_key(b"model", options) != key
+    monkeypatch.setattr(gpu_mod, "tensorrt_version", lambda: "101300")
+    monkeypatch.setattr(gpu_mod, "gpu_models", lambda: ("NVIDIA H200",))
+    assert engine_cache_key(b"model", options) != key
+
+
 def test_uint8_graph_is_skipped_for_an_input_override(
     tmp_path: Path, fast_path_on_cpu: None
 ) -> None:
@@ -613,6 +692,19 @@ def test_cuda_graphs_on_a_fixed_batch_model_equal_the_cpu(tmp_path: Path) -> Non
         model.device_setup and model.device_setup.notes)
     for _ in range(3):  # replays of the captured graph with new inputs
         assert_same(model.predict(images), cpu, px=1e-2)
+
+
+@NEEDS_GPU
+def test_two_instances_with_cuda_graphs_side_by_side_equal_the_cpu(tmp_path: Path) -> None:
+    path = float_pose_model(tmp_path / "f.onnx", batch=2)
+    images = frames(3, seed=4)
+    cpu = OrtModel(path, InferenceConfig(providers=["cpu"], warmup_runs=0)).predict(images)
+    model = OrtModel(path, InferenceConfig(providers=["cuda", "cpu"], warmup_runs=2,
+                                           instances=2, gpu=GpuConfig(cuda_graphs=True)))
+    assert model.instances == 2 and [r.mode for r in model.device_runners] == ["graph"] * 2
+    with ThreadPoolExecutor(2) as pool:
+        for got in pool.map(lambda _: model.predict(images), range(8)):
+            assert_same(got, cpu, px=1e-2)
 
 
 

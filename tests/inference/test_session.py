@@ -270,11 +270,18 @@ def test_resolve_providers_orders_auto_and_expands_aliases(
 ) -> None:
     avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
     monkeypatch.setattr(session_mod, "tensorrt_runtime_present", lambda: True)
+    monkeypatch.setattr(session_mod, "cudnn_runtime_present", lambda: True)
     assert resolve_providers("auto", avail, gpu_present=True) == avail
     monkeypatch.setattr(session_mod, "tensorrt_runtime_present", lambda: False)
     assert resolve_providers("auto", avail, gpu_present=True) == avail[1:]
     assert resolve_providers("auto", avail, gpu_present=False) == [CPU]
     assert resolve_providers("auto", [CPU], gpu_present=True) == [CPU]
+    assert resolve_providers(["cuda", "cpu"], avail, True) == ["CUDAExecutionProvider", CPU]
+    # without cuDNN a CUDA session is made and fails at its first Conv: auto leaves it out
+    monkeypatch.setattr(session_mod, "cudnn_runtime_present", lambda: False)
+    assert resolve_providers("auto", avail, gpu_present=True) == [CPU]
+    monkeypatch.setattr(session_mod, "tensorrt_runtime_present", lambda: True)
+    assert resolve_providers("auto", avail, gpu_present=True) == [avail[0], CPU]
     assert resolve_providers(["cuda", "cpu"], avail, True) == ["CUDAExecutionProvider", CPU]
 
 
