@@ -39,8 +39,9 @@ class GpuConfig(BaseModel):
         "(~/.cache/linewatch/trt)."
     )
     io_binding: bool = Field(
-        default=True, description="Bind inputs and outputs on the device: each batch is "
-        "copied to the GPU once and its outputs back once."
+        default=True, description="Run through ONNX Runtime IO binding: each batch is "
+        "copied from host memory to the GPU once and its outputs back once, inside the run "
+        "(which releases Python's GIL); with cuda_graphs, on fixed device buffers."
     )
     uint8_input: bool = Field(
         default=True, description="For a float NCHW model (e.g. an Ultralytics export), "
