@@ -21,6 +21,12 @@ same instances and threads: ``onnxruntime_raw_fps``, and ``fps_vs_onnxruntime_ra
 ``--compare ultralytics`` times Ultralytics' predict loop on the same file and clip, also
 half before the pipeline and half after (``ultralytics_fps_runs``; ``ultralytics_fps`` is
 all its frames over all its seconds).
+
+Also reported: ``batch`` (the bare loop's batch: min(cameras, max_batch)),
+``pipeline_batch_mean`` (frames over batches the pipeline's loop actually ran during the
+run), ``instances_per_frame`` (what decoding, tracking and messages had to carry),
+``acceleration`` (the GPU fast path's settings, OpenVINO's precision or the CPU graph
+rewrites, as ``GET /api/v1/models`` shows them) and ``machine`` (CPU, GPUs, versions).
 """
 
 from __future__ import annotations
@@ -63,11 +69,12 @@ class LatencyRecorder:
         self._recording = False
         self.ages_ms: list[float] = []
         self.frames = 0
+        self.instances = 0
 
     def begin(self) -> None:
         with self._lock:
             self.ages_ms.clear()
-            self.frames = 0
+            self.frames = self.instances = 0
             self._recording = True
 
     def end(self) -> None:
@@ -79,6 +86,7 @@ class LatencyRecorder:
             with self._lock:
                 self.ages_ms.append(float(msg["age_ms"]))
                 self.frames += 1
+                self.instances += len(msg.get("instances") or ())
 
     def close(self) -> None:
         self.end()
@@ -157,6 +165,8 @@ def machine_info() -> dict[str, Any]:
     import onnxruntime as ort
     import psutil
 
+    from service.inference.gpu import gpu_models
+
     cpu = platform.processor() or platform.machine()
     text = ""
     try:
@@ -175,6 +185,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "openvino": _version("openvino"),
+        "gpus": list(gpu_models()),
         "cpu_flags": _cpu_flags(text),
     }
 
@@ -291,6 +302,12 @@ def _file_input_feeds(loaded: LoadedModel, images: Sequence[ImageArray]) -> dict
 # --- the bench ------------------------------------------------------------------------
 
 
+def _batched(runtime: Runtime, cameras: Sequence[str]) -> tuple[int, int]:
+    """(frames inferred, batches run) so far by the runtime's inference loops."""
+    return (sum(runtime.processed(c) for c in cameras),
+            sum(loop.batches for loop in runtime.loops))
+
+
 def _wait_until_up(runtime: Runtime, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -360,6 +377,7 @@ def run_bench(
         _wait_until_up(runtime, timeout=60.0)
         time.sleep(warmup_s)
         dropped0 = sum(c.status().frames_dropped for c in runtime.cameras.values())
+        batched0 = _batched(runtime, loaded.cameras)
         cpu0 = proc.cpu_times()
         recorder.begin()
         t0 = time.perf_counter()
@@ -367,6 +385,7 @@ def run_bench(
         recorder.end()
         elapsed = time.perf_counter() - t0
         cpu1 = proc.cpu_times()
+        batched1 = _batched(runtime, loaded.cameras)
         dropped = sum(c.status().frames_dropped for c in runtime.cameras.values()) - dropped0
     finally:
         runtime.stop()
@@ -423,7 +442,11 @@ def run_bench(
         "model": str(loaded.config.path),
         "cameras": len(loaded.cameras),
         "batch": raw.batch,
+        "pipeline_batch_mean": round((batched1[0] - batched0[0]) / batches, 2)
+        if (batches := batched1[1] - batched0[1]) else None,
         "instances": loaded.model.instances,
+        "instances_per_frame": round(recorder.instances / recorder.frames, 2),
+        "acceleration": loaded.model.acceleration,
         "cpu_rewrites": loaded.model.cpu_rewrites,
         **({"single_session_fps": round(single.fps, 2)} if single is not None else {}),
         **({"precision": (loaded.model.acceleration or {}).get("precision"),

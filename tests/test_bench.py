@@ -105,21 +105,24 @@ def test_bench_config_needs_a_camera(config_file: Path) -> None:
 
 def test_recorder_records_only_while_recording() -> None:
     rec = LatencyRecorder()
-    rec.publish({"type": "frame", "age_ms": 5.0})
+    rec.publish({"type": "frame", "age_ms": 5.0, "instances": [{}]})
     rec.begin()
-    rec.publish({"type": "frame", "age_ms": 7.0})
+    rec.publish({"type": "frame", "age_ms": 7.0, "instances": [{}, {}]})
     rec.publish({"type": "event", "rule": "belt"})  # events and states have no age
     rec.publish({"type": "state", "line": "line-1"})
-    rec.publish({"type": "frame", "age_ms": 9.0})
+    rec.publish({"type": "frame", "age_ms": 9.0, "instances": []})
     rec.end()
-    rec.publish({"type": "frame", "age_ms": 11.0})
-    assert rec.ages_ms == [7.0, 9.0] and rec.frames == 2
+    rec.publish({"type": "frame", "age_ms": 11.0, "instances": [{}]})
+    assert rec.ages_ms == [7.0, 9.0] and rec.frames == 2 and rec.instances == 2
 
 
 @pytest.mark.slow
 def test_a_short_real_bench(config_file: Path) -> None:
     result = run_bench(config_file, cameras=2, seconds=1.5, warmup_s=0.5, raw_seconds=0.5)
     assert result["cameras"] == 2 and result["batch"] == 2
+    # non-realtime cameras paced by the model: the loop batches both cameras' frames
+    assert 1.5 <= result["pipeline_batch_mean"] <= 2
+    assert result["instances_per_frame"] > 0 and result["acceleration"] is None
     assert result["fps"] > 5 and result["frames"] >= 8
     assert 0 < result["latency_ms_p50"] <= result["latency_ms_p99"] < 1000
     assert result["raw_model_fps"] > 0

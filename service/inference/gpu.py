@@ -136,10 +136,11 @@ def top_candidates_model(model: Any, output_name: str, num_classes: int, k: int)
         raise ModelError(f"top_candidates_model: no output {output_name!r} in the model.")
     dims = target.type.tensor_type.shape.dim
     rows, anchors = (dims[1].dim_value, dims[2].dim_value) if len(dims) == 3 else (0, 0)
-    if not rows or not anchors or num_classes < 1 or rows < 4 + num_classes:
+    if not rows or num_classes < 1 or rows < 4 + num_classes:
         raise ModelError("top_candidates_model: the output must be [B, 4 + C + K*D, A] with "
-                         f"static channels and anchors; got {len(dims)} dims.")
-    k = min(k, anchors)
+                         f"static channels; got {len(dims)} dims.")
+    if anchors:
+        k = min(k, anchors)
     full = output_name + "_all_anchors"
     for node in graph.node:  # the model's own output becomes an internal tensor
         node.output[:] = [full if o == output_name else o for o in node.output]
@@ -158,11 +159,26 @@ def top_candidates_model(model: Any, output_name: str, num_classes: int, k: int)
         else helper.make_node("ReduceMax", [f"{name}_cls"], [f"{name}_conf"], axes=[1],
                               keepdims=1)
     )
+    keep: list[Any] = []  # nodes that make TopK's K when the anchors are not static
+    k_name = const("k", [k])
+    if not anchors:  # a dynamic-shape export (e.g. Ultralytics' dynamic=True): K = min(k, A)
+        k_name = f"{name}_k_min"
+        keep = [
+            helper.make_node("Shape", [full], [f"{name}_shape"]),
+            helper.make_node("Gather", [f"{name}_shape", const("anchor_axis", [2])],
+                             [f"{name}_anchors"], axis=0),
+            helper.make_node("Cast", [f"{name}_anchors"], [f"{name}_anchors_f"],
+                             to=TensorProto.FLOAT),  # Min takes int64 only from opset 12
+            helper.make_node("Cast", [f"{name}_k"], [f"{name}_k_f"], to=TensorProto.FLOAT),
+            helper.make_node("Min", [f"{name}_anchors_f", f"{name}_k_f"], [f"{name}_k_min_f"]),
+            helper.make_node("Cast", [f"{name}_k_min_f"], [k_name], to=TensorProto.INT64),
+        ]
     graph.node.extend([
+        *keep,
         helper.make_node("Slice", [full, const("start", [4]), const("end", [4 + num_classes]),
                                    const("axes", [1])], [f"{name}_cls"]),
         scores_max,  # [B, 1, A]: each anchor's best class score
-        helper.make_node("TopK", [f"{name}_conf", const("k", [k])],
+        helper.make_node("TopK", [f"{name}_conf", k_name],
                          [f"{name}_vals", f"{name}_idx"], axis=2, largest=1, sorted=1),
         helper.make_node("Expand", [f"{name}_idx", const("rows", [1, rows, 1])],
                          [f"{name}_idx_rows"]),
@@ -170,12 +186,12 @@ def top_candidates_model(model: Any, output_name: str, num_classes: int, k: int)
     ])
     batch = dims[0].dim_param or dims[0].dim_value or None
     new_output = helper.make_tensor_value_info(output_name, TensorProto.FLOAT,
-                                               [batch, rows, k])
+                                               [batch, rows, k if anchors else "top_anchors"])
     outputs = [new_output if o.name == output_name else o for o in graph.output]
     del graph.output[:]
     graph.output.extend(outputs)
     meta = {p.key: p.value for p in m.metadata_props}
-    meta[TOP_CANDIDATES_KEY] = f"{k} of {anchors}"
+    meta[TOP_CANDIDATES_KEY] = f"{k} of {anchors or dims[2].dim_param or 'the'}"
     del m.metadata_props[:]
     helper.set_model_props(m, meta)
     onnx.checker.check_model(m)

@@ -277,8 +277,8 @@ def _candidates(info: ModelInfo, wanted: int) -> int | None:
     if not wanted or not info.outputs or not UltralyticsPoseAdapter.accepts(info).accepted:
         return None
     channels, anchors = info.outputs[0].shape[1], info.outputs[0].shape[2]
-    if not isinstance(anchors, int) or not isinstance(channels, int) or anchors <= wanted:
-        return None
+    if not isinstance(channels, int) or (isinstance(anchors, int) and anchors <= wanted):
+        return None  # a dynamic anchor count (a dynamic-shape export): the graph takes min(k, A)
     return max(wanted, channels + 1)  # still more anchors than channels: [B, 4+C+K*D, A]
 
 

@@ -47,7 +47,8 @@ def calibration_batch(images: list[str], imgsz: int) -> Any:
 
 
 def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
-           arch: str = "11", opset: int | None = None, raw_only: bool = False) -> dict[str, str]:
+           arch: str = "11", opset: int | None = None, raw_only: bool = False,
+           dynamic: bool = False) -> dict[str, str]:
     import torch
     import ultralytics
     import yaml
@@ -91,6 +92,8 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
     for key, kwargs in kinds:
         if opset is not None:
             kwargs["opset"] = opset
+        if dynamic:  # batch, height and width dynamic (what users export for batching)
+            kwargs["dynamic"] = True
         exported = Path(model.export(format="onnx", imgsz=imgsz, verbose=False, **kwargs))
         target = out / (f"{family}n-pose.onnx" if key == "raw" else f"{family}n-pose-nms.onnx")
         shutil.move(str(exported), target)
@@ -142,6 +145,8 @@ def main(argv: list[str]) -> int:
     ex.add_argument("--arch", choices=["11", "v8"], default="11", help="YOLO11 or YOLOv8")
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (Ultralytics' default)")
     ex.add_argument("--raw-only", action="store_true", help="skip the NMS-free export")
+    ex.add_argument("--dynamic", action="store_true",
+                    help="dynamic batch, height and width (Ultralytics' dynamic=True)")
     pr = sub.add_parser("predict")
     pr.add_argument("--model", required=True)
     pr.add_argument("--conf", type=float, default=0.25)
@@ -159,7 +164,7 @@ def main(argv: list[str]) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         if args.cmd == "export":
             emit(export(args.out, args.imgsz, args.seed, args.calib, args.arch, args.opset,
-                        args.raw_only))
+                        args.raw_only, args.dynamic))
         elif args.cmd == "predict":
             predict(args.model, args.images, args.conf, args.iou, args.max_det)
         else:
