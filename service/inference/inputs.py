@@ -18,7 +18,7 @@ import numpy as np
 from service.domain import ImageArray
 from service.inference.adapter_config import InputOverride
 from service.inference.metadata import InputSpec, ModelInfo, dtype_of
-from service.inference.preprocess import BatchBuffers, Transform, paste, to_layout
+from service.inference.preprocess import BatchBuffers, Transform, paste, resize_onto, to_layout
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,12 +83,10 @@ def ultralytics_letterbox(
     h, w = image.shape[:2]
     r = min(out_h / h, out_w / w)
     new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
-    resized = image
-    if (w, h) != (new_w, new_h):
-        resized = np.asarray(
-            cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), np.uint8
-        )
     dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top, left = round(dh - 0.1), round(dw - 0.1)
-    canvas = paste(resized, (out_h, out_w), top, left, pad_value, out)
-    return canvas, Transform(new_w / w, new_h / h, left, top, w, h)
+    transform = Transform(new_w / w, new_h / h, left, top, w, h)
+    if (w, h) == (new_w, new_h):
+        return paste(image, (out_h, out_w), top, left, pad_value, out), transform
+    return resize_onto(image, (new_w, new_h), cv2.INTER_LINEAR, (out_h, out_w), top, left,
+                       pad_value, out), transform

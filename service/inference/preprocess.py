@@ -127,6 +127,16 @@ def _resize(image: ImageArray, width: int, height: int) -> ImageArray:
     return np.asarray(cv2.resize(image, (width, height), interpolation=interp), np.uint8)
 
 
+def _fill_border(
+    canvas: ImageArray, top: int, left: int, h: int, w: int, pad_value: int
+) -> None:
+    """Fill ``canvas`` with ``pad_value`` around the (top, left, h, w) box."""
+    canvas[:top] = pad_value
+    canvas[top + h:] = pad_value
+    canvas[top:top + h, :left] = pad_value
+    canvas[top:top + h, left + w:] = pad_value
+
+
 def paste(
     image: ImageArray, size: tuple[int, int], top: int, left: int, pad_value: int,
     out: ImageArray | None = None,
@@ -137,11 +147,30 @@ def paste(
     out_h, out_w = size
     h, w = image.shape[:2]
     canvas = np.empty((out_h, out_w, 3), np.uint8) if out is None else out
-    canvas[:top] = pad_value
-    canvas[top + h:] = pad_value
-    canvas[top:top + h, :left] = pad_value
-    canvas[top:top + h, left + w:] = pad_value
+    _fill_border(canvas, top, left, h, w, pad_value)
     canvas[top:top + h, left:left + w] = image
+    return canvas
+
+
+def resize_onto(
+    image: ImageArray, new_size: tuple[int, int], interpolation: int, size: tuple[int, int],
+    top: int, left: int, pad_value: int, out: ImageArray | None = None,
+) -> ImageArray:
+    """``image`` resized to ``new_size`` = (W, H) at (top, left) on a canvas of ``size`` =
+    (H, W) filled with ``pad_value``: what ``paste(cv2.resize(...))`` gives, with OpenCV
+    writing the resized pixels straight into their place (no intermediate image and copy:
+    a 768x432 frame letterboxed to 640: 0.29 -> 0.20 ms)."""
+    out_h, out_w = size
+    new_w, new_h = new_size
+    canvas = np.empty((out_h, out_w, 3), np.uint8) if out is None else out
+    _fill_border(canvas, top, left, new_h, new_w, pad_value)
+    place = canvas[top:top + new_h, left:left + new_w]
+    if place.strides[1:] == (3, 1):  # rows of packed pixels: a cv::Mat OpenCV writes into
+        resized = cv2.resize(image, (new_w, new_h), dst=place, interpolation=interpolation)
+    else:
+        resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    if not np.may_share_memory(resized, place):  # a new image: copy it in
+        place[...] = resized
     return canvas
 
 
@@ -157,14 +186,19 @@ def letterbox(
     r = min(out_h / h, out_w / w)
     new_w = min(out_w, max(1, round(w * r)))
     new_h = min(out_h, max(1, round(h * r)))
-    resized = _resize(image, new_w, new_h)
     pad_x = (out_w - new_w) // 2
     pad_y = (out_h - new_h) // 2
+    transform = Transform(new_w / w, new_h / h, pad_x, pad_y, w, h)
+    if (new_w, new_h) != (w, h) and out is not None:
+        interp = cv2.INTER_AREA if new_w < w or new_h < h else cv2.INTER_LINEAR
+        return resize_onto(image, (new_w, new_h), interp, size, pad_y, pad_x, pad_value,
+                           out), transform
+    resized = _resize(image, new_w, new_h)
     if (new_w, new_h) == (out_w, out_h) and out is None:
         canvas = np.ascontiguousarray(resized)
     else:
         canvas = paste(resized, size, pad_y, pad_x, pad_value, out)
-    return canvas, Transform(new_w / w, new_h / h, pad_x, pad_y, w, h)
+    return canvas, transform
 
 
 def stretch(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from service.inference.preprocess import (
     letterbox,
     make_batch,
     paste,
+    resize_onto,
     stretch,
     to_layout,
 )
@@ -183,6 +185,26 @@ def test_letterbox_and_stretch_into_a_batch_row_equal_the_fresh_result(
         into, t2 = fn(row)
         assert into is row and t1 == t2
         np.testing.assert_array_equal(row, fresh)
+
+
+@pytest.mark.parametrize("size", [(432, 768), (768, 432), (100, 100)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_resize_onto_equals_resizing_then_pasting(size: tuple[int, int], strided: bool) -> None:
+    """OpenCV resizes straight into the canvas; where it cannot write there (a canvas
+    whose pixels are not contiguous), the pixels are copied in: the same canvas."""
+    image = np.random.default_rng(4).integers(0, 256, (*size, 3), dtype=np.uint8)
+    h, w = size
+    r = min(320 / h, 320 / w)
+    new_w, new_h = round(w * r), round(h * r)
+    top, left = (320 - new_h) // 2, (320 - new_w) // 2
+    for interp in (cv2.INTER_LINEAR, cv2.INTER_AREA):
+        want = paste(cv2.resize(image, (new_w, new_h), interpolation=interp), (320, 320),
+                     top, left, 114)
+        backing = np.full((320, 640 if strided else 320, 3), 7, np.uint8)
+        canvas = backing[:, ::2] if strided else backing
+        got = resize_onto(image, (new_w, new_h), interp, (320, 320), top, left, 114, canvas)
+        assert got is canvas
+        np.testing.assert_array_equal(canvas, want)
 
 
 def test_paste_fills_exactly_the_border_with_the_pad_value() -> None:
