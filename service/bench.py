@@ -247,18 +247,20 @@ def raw_model_fps(
     threads = threads or {"intra_op_threads": model.intra_op_threads,
                           "spin_wait": model.spin_wait}
     config = inference_config(loaded.config).model_copy(update=threads)
-    sessions = [open_session(model.path, config)[0]
-                for _ in range(instances or model.instances)]
+    setup = model.device_setup
+    graphs = setup is not None and setup.cuda_graphs
+    opened = [open_session(model.path, config, cuda_graphs=graphs)
+              for _ in range(instances or model.instances)]
+    sessions = [o.session for o in opened]
     outputs = [t.name for t in model.info.outputs]
     n = len(images)
-    setup = model.device_setup
     calls: list[Callable[[], object]]
-    if setup is not None:  # on a GPU: IO binding as the model runs (no CUDA graphs)
+    if setup is not None:  # on a GPU: the device runner the model runs (IO binding, graphs)
         runners = [
-            DeviceRunner(s, model.name, "bound" if setup.io_binding else "plain",
+            DeviceRunner(o.session, model.name, (o.setup or setup).runner_mode,
                          model.info.fixed_batch, setup.profile_max_batch, setup.device,
                          setup.device_id)
-            for s in sessions
+            for o in opened
         ]
         calls = [functools.partial(runner.run, feeds, n) for runner in runners]
     else:  # session.run in the model's own chunks, as OrtModel runs it

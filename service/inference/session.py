@@ -176,15 +176,14 @@ def _session_options(config: InferenceConfig) -> Any:
     return so
 
 
-def open_session(path: Path, config: InferenceConfig) -> tuple[Any, list[str]]:
-    """Build the ORT session; return it with the provider list that was requested.
-
-    On a GPU provider this is the session :class:`OrtModel` runs (TensorRT options, the
-    uint8-input graph), without CUDA graphs: a plain ``session.run`` loop (the bench's bare
-    loop) cannot feed a captured graph.
-    """
-    opened = open_model_session(path, config, cuda_graphs=False)
-    return opened.session, opened.requested
+def open_session(
+    path: Path, config: InferenceConfig, *, cuda_graphs: bool = False
+) -> OpenedSession:
+    """A session of the model as :class:`OrtModel` opens it (TensorRT options, the
+    uint8-input graph, CUDA graphs only with ``cuda_graphs``: a plain ``session.run``
+    loop cannot feed a captured graph, a :class:`DeviceRunner` in ``graph`` mode can),
+    for loops outside the pipeline (the bench's bare loop)."""
+    return open_model_session(path, config, cuda_graphs=cuda_graphs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +201,12 @@ class DeviceSetup:
     profile_max_batch: int | None  # TensorRT's optimisation profile for a dynamic batch
     notes: tuple[str, ...] = ()  # why something asked for is off
     candidates: int | None = None  # anchors per image kept on the device (Ultralytics raw)
+
+    @property
+    def runner_mode(self) -> str:
+        """How a :class:`DeviceRunner` runs the session: ``graph`` (fixed device buffers,
+        the captured CUDA graph replayed), ``bound`` (IO binding) or ``plain``."""
+        return "graph" if self.cuda_graphs else "bound" if self.io_binding else "plain"
 
     def describe(self) -> str:
         def on(flag: bool) -> str:
@@ -736,9 +741,8 @@ class OrtModel:
     def _make_device_runner(self, session: Any, setup: DeviceSetup) -> DeviceRunner:
         """The device runner of ``session`` (each instance's own: CUDA graphs replay on the
         buffers they were captured with, one session's)."""
-        mode = "graph" if setup.cuda_graphs else "bound" if setup.io_binding else "plain"
         return DeviceRunner(
-            session, self.name, mode, self.info.fixed_batch, setup.profile_max_batch,
+            session, self.name, setup.runner_mode, self.info.fixed_batch, setup.profile_max_batch,
             setup.device, setup.device_id,
         )
 

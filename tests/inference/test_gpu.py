@@ -599,7 +599,7 @@ def test_uint8_graph_is_skipped_for_an_input_override(
 def test_bench_session_takes_the_same_feeds(tmp_path: Path, fast_path_on_cpu: None) -> None:
     path = float_pose_model(tmp_path / "f.onnx")
     model = OrtModel(path, InferenceConfig(warmup_runs=0))
-    bare, _ = session_mod.open_session(path, InferenceConfig())
+    bare = session_mod.open_session(path, InferenceConfig()).session
     feeds = model.prepare(frames(2)).feeds
     out = bare.run(None, feeds)[0]
     np.testing.assert_allclose(out, model._run(feeds, 2)[0][0], rtol=1e-6)
@@ -629,6 +629,33 @@ def test_bench_bare_loop_runs_through_the_device_runner(
     result = raw_model_fps(LoadedModel(mod, model, ("cam",), 2), frames(2), 0.2)
     assert result.fps > 0 and result.batch == 2
     assert bound and set(bound) == {2}  # every bare run went through IO binding
+
+
+def test_bench_bare_loop_replays_cuda_graphs_when_the_model_does(
+    tmp_path: Path, fast_path_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With gpu.cuda_graphs the pipeline runs a captured graph: so does the bare loop
+    that its overhead_ratio is measured against."""
+    from service.app import LoadedModel
+    from service.bench import raw_model_fps
+    from service.config import ModelConfig
+    from service.inference.runner import Predictor
+
+    path = float_pose_model(tmp_path / "f.onnx", batch=2)
+    mod = ModelConfig(id="m", path=path, warmup_runs=0, providers=["cuda", "cpu"],
+                      gpu=GpuConfig(cuda_graphs=True))
+    model = Predictor(path, inference_config(mod), name="m")
+    assert [r.mode for r in model.device_runners] == ["graph"]
+    replayed: list[int] = []
+    plain_run = gpu_mod.GraphRunner.run
+
+    def counting(self: Any, feeds: dict[str, np.ndarray]) -> Any:
+        replayed.append(next(iter(feeds.values())).shape[0])
+        return plain_run(self, feeds)
+
+    monkeypatch.setattr(gpu_mod.GraphRunner, "run", counting)
+    result = raw_model_fps(LoadedModel(mod, model, ("cam",), 2), frames(2), 0.2)
+    assert result.fps > 0 and replayed and set(replayed) == {2}
 
 
 # --- on a GPU ---------------------------------------------------------------------------

@@ -234,9 +234,9 @@ def test_bench_compares_with_ultralytics_before_and_after_the_pipeline(
     bare_loops: list[tuple[int, bool]] = []  # (threads, cpu_rewrites) of each bare loop
     plain_open = session_mod.open_session
 
-    def recording(path: Path, config: InferenceConfig) -> Any:
+    def recording(path: Path, config: InferenceConfig, **kwargs: Any) -> Any:
         bare_loops.append((config.intra_op_threads, config.cpu_rewrites))
-        return plain_open(path, config)
+        return plain_open(path, config, **kwargs)
 
     monkeypatch.setattr(session_mod, "open_session", recording)
 
