@@ -605,57 +605,35 @@ def test_bench_session_takes_the_same_feeds(tmp_path: Path, fast_path_on_cpu: No
     np.testing.assert_allclose(out, model._run(feeds, 2)[0][0], rtol=1e-6)
 
 
-def test_bench_bare_loop_runs_through_the_device_runner(
-    tmp_path: Path, fast_path_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_bench_bare_loop_runs_through_the_models_device_runner(
+    tmp_path: Path, fast_path_on_cpu: None, monkeypatch: pytest.MonkeyPatch,
+    cuda_graphs: bool,
 ) -> None:
+    """The bare loop that overhead_ratio is measured against runs as the pipeline does:
+    through IO binding, and replaying captured graphs with gpu.cuda_graphs."""
     from service.app import LoadedModel
     from service.bench import raw_model_fps
     from service.config import ModelConfig
-    from service.inference import gpu as gpu_mod
     from service.inference.runner import Predictor
 
-    path = float_pose_model(tmp_path / "f.onnx")
-    mod = ModelConfig(id="m", path=path, warmup_runs=0, providers=["cuda", "cpu"])
+    path = float_pose_model(tmp_path / "f.onnx", batch=2 if cuda_graphs else "batch")
+    mod = ModelConfig(id="m", path=path, warmup_runs=0, providers=["cuda", "cpu"],
+                      gpu=GpuConfig(cuda_graphs=cuda_graphs))
     model = Predictor(path, inference_config(mod), name="m")
-    assert model.device_setup is not None and model.device_setup.io_binding
-    bound: list[int] = []
-    plain_run = gpu_mod.BoundRunner.run
+    runner = gpu_mod.GraphRunner if cuda_graphs else gpu_mod.BoundRunner
+    assert [r.mode for r in model.device_runners] == ["graph" if cuda_graphs else "bound"]
+    batches: list[int] = []
+    plain_run = runner.run
 
     def counting(self: Any, feeds: dict[str, np.ndarray]) -> Any:
-        bound.append(next(iter(feeds.values())).shape[0])
+        batches.append(next(iter(feeds.values())).shape[0])
         return plain_run(self, feeds)
 
-    monkeypatch.setattr(gpu_mod.BoundRunner, "run", counting)
+    monkeypatch.setattr(runner, "run", counting)
     result = raw_model_fps(LoadedModel(mod, model, ("cam",), 2), frames(2), 0.2)
     assert result.fps > 0 and result.batch == 2
-    assert bound and set(bound) == {2}  # every bare run went through IO binding
-
-
-def test_bench_bare_loop_replays_cuda_graphs_when_the_model_does(
-    tmp_path: Path, fast_path_on_cpu: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With gpu.cuda_graphs the pipeline runs a captured graph: so does the bare loop
-    that its overhead_ratio is measured against."""
-    from service.app import LoadedModel
-    from service.bench import raw_model_fps
-    from service.config import ModelConfig
-    from service.inference.runner import Predictor
-
-    path = float_pose_model(tmp_path / "f.onnx", batch=2)
-    mod = ModelConfig(id="m", path=path, warmup_runs=0, providers=["cuda", "cpu"],
-                      gpu=GpuConfig(cuda_graphs=True))
-    model = Predictor(path, inference_config(mod), name="m")
-    assert [r.mode for r in model.device_runners] == ["graph"]
-    replayed: list[int] = []
-    plain_run = gpu_mod.GraphRunner.run
-
-    def counting(self: Any, feeds: dict[str, np.ndarray]) -> Any:
-        replayed.append(next(iter(feeds.values())).shape[0])
-        return plain_run(self, feeds)
-
-    monkeypatch.setattr(gpu_mod.GraphRunner, "run", counting)
-    result = raw_model_fps(LoadedModel(mod, model, ("cam",), 2), frames(2), 0.2)
-    assert result.fps > 0 and replayed and set(replayed) == {2}
+    assert batches and set(batches) == {2}  # every bare run went through that runner
 
 
 # --- on a GPU ---------------------------------------------------------------------------
