@@ -160,7 +160,7 @@ def top_candidates_model(model: Any, output_name: str, num_classes: int, k: int)
                               keepdims=1)
     )
     keep: list[Any] = []  # nodes that make TopK's K when the anchors are not static
-    k_name = const("k", [k])
+    k_name = k_const = const("k", [k])
     if not anchors:  # a dynamic-shape export (e.g. Ultralytics' dynamic=True): K = min(k, A)
         k_name = f"{name}_k_min"
         keep = [
@@ -169,7 +169,7 @@ def top_candidates_model(model: Any, output_name: str, num_classes: int, k: int)
                              [f"{name}_anchors"], axis=0),
             helper.make_node("Cast", [f"{name}_anchors"], [f"{name}_anchors_f"],
                              to=TensorProto.FLOAT),  # Min takes int64 only from opset 12
-            helper.make_node("Cast", [f"{name}_k"], [f"{name}_k_f"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [k_const], [f"{name}_k_f"], to=TensorProto.FLOAT),
             helper.make_node("Min", [f"{name}_anchors_f", f"{name}_k_f"], [f"{name}_k_min_f"]),
             helper.make_node("Cast", [f"{name}_k_min_f"], [k_name], to=TensorProto.INT64),
         ]
@@ -191,7 +191,7 @@ def top_candidates_model(model: Any, output_name: str, num_classes: int, k: int)
     del graph.output[:]
     graph.output.extend(outputs)
     meta = {p.key: p.value for p in m.metadata_props}
-    meta[TOP_CANDIDATES_KEY] = f"{k} of {anchors or dims[2].dim_param or 'the'}"
+    meta[TOP_CANDIDATES_KEY] = f"{k} of {anchors}" if anchors else str(k)
     del m.metadata_props[:]
     helper.set_model_props(m, meta)
     onnx.checker.check_model(m)
