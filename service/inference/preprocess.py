@@ -118,12 +118,17 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
 
 
+def _interpolation(image: ImageArray, width: int, height: int) -> int:
+    """Area averaging to shrink, bilinear to enlarge."""
+    h, w = image.shape[:2]
+    return cv2.INTER_AREA if width < w or height < h else cv2.INTER_LINEAR
+
+
 def _resize(image: ImageArray, width: int, height: int) -> ImageArray:
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
-    shrink = width < w or height < h
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    interp = _interpolation(image, width, height)
     return np.asarray(cv2.resize(image, (width, height), interpolation=interp), np.uint8)
 
 
@@ -159,7 +164,7 @@ def resize_onto(
     """``image`` resized to ``new_size`` = (W, H) at (top, left) on a canvas of ``size`` =
     (H, W) filled with ``pad_value``: what ``paste(cv2.resize(...))`` gives, with OpenCV
     writing the resized pixels straight into their place (no intermediate image and copy:
-    a 768x432 frame letterboxed to 640: 0.29 -> 0.20 ms)."""
+    a 768x432 frame letterboxed to 640: 0.27 -> 0.22 ms)."""
     out_h, out_w = size
     new_w, new_h = new_size
     canvas = np.empty((out_h, out_w, 3), np.uint8) if out is None else out
@@ -190,9 +195,8 @@ def letterbox(
     pad_y = (out_h - new_h) // 2
     transform = Transform(new_w / w, new_h / h, pad_x, pad_y, w, h)
     if (new_w, new_h) != (w, h) and out is not None:
-        interp = cv2.INTER_AREA if new_w < w or new_h < h else cv2.INTER_LINEAR
-        return resize_onto(image, (new_w, new_h), interp, size, pad_y, pad_x, pad_value,
-                           out), transform
+        return resize_onto(image, (new_w, new_h), _interpolation(image, new_w, new_h), size,
+                           pad_y, pad_x, pad_value, out), transform
     resized = _resize(image, new_w, new_h)
     if (new_w, new_h) == (out_w, out_h) and out is None:
         canvas = np.ascontiguousarray(resized)
