@@ -127,6 +127,16 @@ def inference_config(mod: ModelConfig) -> InferenceConfig:
     )
 
 
+def _log_fixed_batch(mod: ModelConfig, fixed: int, cameras: int) -> None:
+    """Say that a fixed-batch model cannot batch its cameras up to ``max_batch``."""
+    (log.warning if "max_batch" in mod.model_fields_set else log.info)(
+        "model %s: its file has a fixed batch of %d, so its %d cameras run in batches of "
+        "%d, not up to max_batch %d; export it with a dynamic batch (Ultralytics: "
+        "export(format='onnx', dynamic=True)) to batch them", mod.id, fixed, cameras, fixed,
+        mod.max_batch,
+    )
+
+
 def load_predictors(config: Config, ids: Sequence[str] | None = None) -> dict[str, Predictor]:
     """Load the models ``ids`` (default: all) with their adapters, and the detectors their
     ROIs name (each model once; a detector before the models that use it).
@@ -329,9 +339,10 @@ class Runtime:
             # A top-down model runs every frame's crops in chunks of its batch size itself.
             batches_frames = info.dynamic_batch or model.top_down
             max_batch = mod.max_batch if batches_frames else (info.fixed_batch or 1)
-            models[mod.id] = LoadedModel(
-                mod, model, tuple(c.id for c in enabled if c.model == mod.id), max_batch
-            )
+            fed = tuple(c.id for c in enabled if c.model == mod.id)
+            if max_batch < min(len(fed), mod.max_batch):
+                _log_fixed_batch(mod, max_batch, len(fed))
+            models[mod.id] = LoadedModel(mod, model, fed, max_batch)
         latest = LatestFrames()
 
         def classes_of(cam_id: str) -> Sequence[ClassInfo]:

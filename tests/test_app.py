@@ -287,3 +287,22 @@ def test_a_forced_adapter_that_does_not_fit_is_refused_at_load(tmp_path: Path) -
     config = load_config(path, env={}, check_files=False)  # and loading the model refuses it
     with pytest.raises(ModelError, match="does not fit the configured adapter 'simcc'"):
         Runtime.build(config, Hub())
+
+
+def test_a_fixed_batch_model_says_its_cameras_cannot_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cams = {"cam-1": SIM.format(1), "cam-2": SIM.format(2)}
+    fixed = build_model(tmp_path / "fixed.onnx", batch=1)
+    with caplog.at_level(logging.INFO, logger="service.app"):
+        runtime = Runtime.build(runtime_config(fixed, cams, model={"max_batch": 4}), Hub())
+    assert runtime.models["tiny"].max_batch == 1
+    warned = [r for r in caplog.records if "fixed batch of 1" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "its 2 cameras run in batches of 1, not up to max_batch 4" in warned[0].getMessage()
+    caplog.clear()
+    dynamic = build_model(tmp_path / "dynamic.onnx")
+    with caplog.at_level(logging.INFO, logger="service.app"):
+        runtime = Runtime.build(runtime_config(dynamic, cams, model={"max_batch": 4}), Hub())
+    assert runtime.models["tiny"].max_batch == 4
+    assert "fixed batch" not in caplog.text
