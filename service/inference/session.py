@@ -95,9 +95,8 @@ def cudnn_runtime_present() -> bool:
     directory).  onnxruntime-gpu loads cuDNN only when an operator first needs it: without
     it a CUDA session is made and then fails at its first convolution, so ``auto`` leaves
     the CUDA provider out."""
-    wheels = [str(Path(p) / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9") for p in sys.path
-              if p and (Path(p) / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9").is_file()]
-    return _loads(("libcudnn.so.9", "libcudnn.so", *wheels))
+    in_wheels = [Path(p) / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9" for p in sys.path if p]
+    return _loads(("libcudnn.so.9", "libcudnn.so", *(str(f) for f in in_wheels if f.is_file())))
 
 
 def resolve_providers(

@@ -180,6 +180,14 @@ def assert_same(a: list[Detections], b: list[Detections], px: float = 0.02) -> N
         np.testing.assert_allclose(x.scores, y.scores, atol=1e-3)
 
 
+def plain_cpu_model(path: Path, config: InferenceConfig) -> OrtModel:
+    """The model on the plain CPU path, with ``fast_path_on_cpu`` in force: the reference
+    that the fast path's wiring must equal."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
+        return OrtModel(path, config)
+
+
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Run the GPU fast path's wiring (uint8 graph, DeviceRunner) on the CPU provider."""
@@ -288,10 +296,8 @@ def test_fast_path_chooses_the_best_anchors_on_the_device(
     images = frames(4)
     config = InferenceConfig(warmup_runs=1, score_threshold=0.25,
                              gpu=GpuConfig(max_candidates=100))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
-        plain = OrtModel(path, config)
-        ref = plain.predict(images)
+    plain = plain_cpu_model(path, config)
+    ref = plain.predict(images)
     with caplog.at_level(logging.INFO):
         model = OrtModel(path, config)
     assert plain.info.outputs[0].shape[2] == 600 and model.info.outputs[0].shape[2] == 100
@@ -324,10 +330,8 @@ def test_fast_path_chooses_the_best_anchors_of_a_dynamic_shape_export(
     images = frames(4)
     config = InferenceConfig(warmup_runs=1, score_threshold=0.25,
                              gpu=GpuConfig(max_candidates=100))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
-        plain = OrtModel(path, config)
-        ref = plain.predict(images)
+    plain = plain_cpu_model(path, config)
+    ref = plain.predict(images)
     device = OrtModel(path, config)
     assert read_model_info(path).outputs[0].shape[2] == "anchors"  # as the file says
     assert device.device_setup is not None and device.device_setup.candidates == 100
@@ -475,9 +479,7 @@ def test_fast_path_wiring_on_cpu_equals_the_plain_model(
 ) -> None:
     path = float_pose_model(tmp_path / "f.onnx")
     images = frames(4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
-        ref = OrtModel(path, InferenceConfig(warmup_runs=0)).predict(images)
+    ref = plain_cpu_model(path, InferenceConfig(warmup_runs=0)).predict(images)
     with caplog.at_level(logging.INFO):
         model = OrtModel(path, InferenceConfig(warmup_runs=1,
                                                gpu=GpuConfig(io_binding=io_binding)))
@@ -498,9 +500,7 @@ def test_fast_path_three_steps_and_cuda_graph_buffers_on_cpu(
 ) -> None:
     path = float_pose_model(tmp_path / "f.onnx", batch=2)
     images = frames(3, seed=5)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
-        ref = OrtModel(path, InferenceConfig(warmup_runs=0)).predict(images)
+    ref = plain_cpu_model(path, InferenceConfig(warmup_runs=0)).predict(images)
     model = OrtModel(path, InferenceConfig(warmup_runs=1, gpu=GpuConfig(cuda_graphs=True)))
     assert model.device_setup is not None and model.device_setup.cuda_graphs
     assert [r.mode for r in model.device_runners] == ["graph"]
@@ -517,9 +517,7 @@ def test_each_instance_runs_its_own_session_through_its_own_device_buffers(
     one session may not be run from two threads with CUDA graphs."""
     path = float_pose_model(tmp_path / "f.onnx", batch=2)
     images = frames(3, seed=5)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
-        ref = OrtModel(path, InferenceConfig(warmup_runs=0)).predict(images)
+    ref = plain_cpu_model(path, InferenceConfig(warmup_runs=0)).predict(images)
     model = OrtModel(path, InferenceConfig(warmup_runs=1, instances=2,
                                            gpu=GpuConfig(cuda_graphs=True)))
     runners = model.device_runners
@@ -777,12 +775,10 @@ def test_uint8_graph_on_a_real_yolo_export_equals_the_float_model(
     raw = Path(json.loads(res.stdout.strip().splitlines()[-1])["raw"])
     images = sim_frames(3)
     config = InferenceConfig(warmup_runs=0, score_threshold=0.01)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(session_mod, "_device_for", lambda provider, driver: None)
-        # the file's own graph (no CPU rewrites, as the device path runs it): with an
-        # untrained model's saturated scores, rounding elsewhere would reorder ties
-        plain = OrtModel(raw, config.model_copy(update={"cpu_rewrites": False}))
-        ref = plain.predict(images)
+    # the file's own graph (no CPU rewrites, as the device path runs it): with an
+    # untrained model's saturated scores, rounding elsewhere would reorder ties
+    plain = plain_cpu_model(raw, config.model_copy(update={"cpu_rewrites": False}))
+    ref = plain.predict(images)
     model = OrtModel(raw, config)
     assert plain.info.input.dtype == "float32" and model.info.input.dtype == "uint8"
     assert model.device_setup is not None and model.device_setup.uint8_input
