@@ -216,6 +216,8 @@ def build_model_info(
     stride = _parse_int(metadata.get("stride"), "stride", where)
     max_det = _parse_int(metadata.get("max_det"), "max_det", where)
     kp_names = _parse_json_by_class(metadata.get("keypoint_names"), "keypoint_names", where)
+    if not kp_names:  # Ultralytics (8.3.x on) writes its dataset's kpt_names: {class id: [...]}
+        kp_names = _parse_json_by_class(metadata.get("kpt_names"), "kpt_names", where)
     skeletons = _parse_json_by_class(metadata.get("skeleton"), "skeleton", where)
 
     image = _image_input(inputs, path)
@@ -246,7 +248,7 @@ def build_model_info(
 
     batch_dim = image.shape[0] if image.shape else None
     dynamic = not isinstance(batch_dim, int) or batch_dim <= 0
-    classes = _classes(names, kp_names, skeletons, kpt_shape)
+    classes = _classes(names, kp_names, skeletons, kpt_shape, where)
     return ModelInfo(
         path=path, inputs=tuple(inputs), outputs=tuple(outputs), metadata=dict(metadata),
         task=task, classes=classes, kpt_shape=kpt_shape, imgsz=imgsz, stride=stride,
@@ -381,6 +383,7 @@ def _classes(
     kp_names: dict[str, Any],
     skeletons: dict[str, Any],
     kpt_shape: tuple[int, int] | None,
+    where: str,
 ) -> tuple[ClassInfo, ...]:
     if not names:
         return ()
@@ -391,6 +394,12 @@ def _classes(
         kps = _by_class(kp_names, cid, name)
         if isinstance(kps, list):
             keypoint_names = tuple(str(n) for n in kps)
+            if k and len(keypoint_names) > k:
+                raise ModelError(
+                    f"{where}: metadata names {len(keypoint_names)} keypoints for class "
+                    f"{name!r} ({', '.join(keypoint_names[:4])}, ...) but kpt_shape says the "
+                    f"model outputs {k}; fix keypoint_names (or Ultralytics' kpt_names)."
+                )
         else:
             keypoint_names = tuple(f"kp{i}" for i in range(k))
         edges = _by_class(skeletons, cid, name)

@@ -71,6 +71,30 @@ def test_names_as_a_list_and_imgsz_from_the_tensor(model_factory: ModelFactory) 
     assert "imgsz" in info.defaulted
 
 
+def test_ultralytics_kpt_names_name_the_keypoints(model_factory: ModelFactory) -> None:
+    """Ultralytics writes its dataset's kpt_names ({class id: [names]}, a Python literal)."""
+    kpt_names = "{0: ['tip', 'hole_a', 'hole_b', 'notch', 'base']}"
+    info = read_model_info(model_factory(metadata={
+        "keypoint_names": None, "names": "{0: 'clip', 1: 'bar'}", "kpt_names": kpt_names,
+    }))
+    assert info.classes[0].keypoint_names == ("tip", "hole_a", "hole_b", "notch", "base")
+    assert info.classes[1].keypoint_names == ("kp0", "kp1", "kp2", "kp3", "kp4")  # not given
+    # LineWatch's own keypoint_names win where a file has both
+    both = read_model_info(model_factory(metadata={"kpt_names": kpt_names}))
+    assert both.classes[0].keypoint_names == ("corner_a", "corner_b", "corner_c", "hole_1",
+                                              "hole_2")
+
+
+@pytest.mark.parametrize("key", ["kpt_names", "keypoint_names"])
+def test_more_keypoint_names_than_the_model_outputs_is_refused(
+    model_factory: ModelFactory, key: str,
+) -> None:
+    six = "{0: ['a', 'b', 'c', 'd', 'e', 'f']}"
+    meta = {"keypoint_names": None, "names": "{0: 'clip'}", key: six}
+    with pytest.raises(ModelError, match=r"names 6 keypoints for class 'clip'.*outputs 5"):
+        read_model_info(model_factory(metadata=meta))
+
+
 @pytest.mark.parametrize(("key", "value"), [
     ("kpt_shape", "[5, 7]"), ("names", "not a literal {"), ("imgsz", "[240]"),
     ("input_layout", "HWC"), ("stride", "'eight'"),

@@ -73,7 +73,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def assert_parity(
     ours: list[dict[str, Any]], theirs: list[dict[str, Any]], *, ties_may_swap: bool = False
 ) -> int:
-    """Same instances in the same order; boxes and keypoints within TOL_PX. Returns count.
+    """Same instances in the same order, keypoints of the same names; boxes and keypoints
+    within TOL_PX. Returns count.
 
     ``ties_may_swap``: another runtime's float rounding may order two instances whose
     scores differ by less than 1e-3 the other way; pair them by box first (the scores
@@ -87,6 +88,8 @@ def assert_parity(
         assert len(inst) == len(b["boxes"]), a["file"]
         if not inst:
             continue
+        for i in inst:  # named as Ultralytics names them (the export's kpt_names metadata)
+            assert list(i["keypoints"]) == b["kpt_names"][str(i["class_id"])], a["file"]
         if ties_may_swap:
             cost = np.abs(np.asarray([i["box"] for i in inst])[:, None]
                           - (np.asarray(b["boxes"]) - 0.5)[None]).sum(axis=2)

@@ -7,12 +7,14 @@ virtualenv, so tests run this file as a subprocess:
             [--calib IMAGE...]
         builds YOLO("yolo11n-pose.yaml") with nc: 1 offline (untrained, seeded weights,
         BatchNorm statistics calibrated on the given images so outputs are not degenerate),
+        (with coco-pose.yaml's kpt_names, as a model trained on it exports them)
         exports DIR/yolo11n-pose.onnx (raw [1, 56, A]) and DIR/yolo11n-pose-nms.onnx
         (NMS inside, [1, 300, 57]); prints {"raw": path, "nms": path} as JSON.
     .venv-ultralytics/bin/python tests/support/ultra_ref.py predict --model X.onnx
         --conf C --iou I [--max-det N] IMAGE...
         runs YOLO(X).predict on each image; prints one JSON object per image:
-        {"file", "boxes": [[x1, y1, x2, y2]], "scores", "classes", "keypoints": [[[x, y, s]]]}.
+        {"file", "boxes": [[x1, y1, x2, y2]], "scores", "classes", "keypoints": [[[x, y, s]]],
+         "kpt_names": the names Ultralytics read from the file's metadata}.
     .venv-ultralytics/bin/python tests/support/ultra_ref.py stream --model X.onnx
         --source CLIP [--frames N] [--warmup W] [--conf C]
         times YOLO(X).predict(source, stream=True) and prints {"fps", "frames", "seconds"}.
@@ -77,6 +79,9 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
     with torch.no_grad():
         net(calibration_batch(calib or [], imgsz))
     net.eval()
+    # What training on coco-pose.yaml leaves on the model (Ultralytics exports it as kpt_names)
+    coco_pose = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco-pose.yaml"
+    net.kpt_names = yaml.safe_load(coco_pose.read_text())["kpt_names"]
     head = net.model[-1]
     with torch.no_grad():
         for branches, std, bias in ((head.cv2, 0.3, 0.0), (head.cv3, 1.0, -2.0),
@@ -113,6 +118,7 @@ def predict(model_path: str, images: list[str], conf: float, iou: float, max_det
             "scores": res.boxes.conf.cpu().numpy().tolist(),
             "classes": res.boxes.cls.cpu().numpy().astype(int).tolist(),
             "keypoints": res.keypoints.data.cpu().numpy().tolist() if res.keypoints else [],
+            "kpt_names": getattr(model.predictor.model, "kpt_names", None),  # from metadata
         }
         emit(record)
 
