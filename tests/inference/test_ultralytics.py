@@ -125,6 +125,26 @@ def test_raw_export_matches_ultralytics_predict(
     assert assert_parity(ours, theirs) >= 3  # thresholds chosen so that instances exist
 
 
+@pytest.fixture(scope="module")
+def exported26(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """YOLO26n-pose: its raw (one-to-many) export and its own NMS-free head (nms=False)."""
+    out = tmp_path_factory.mktemp("yolo26")
+    paths = ultra("export", "--out", str(out), "--arch", "26", "--calib", *map(str, COCO))[0]
+    return {k: Path(v) for k, v in paths.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+def test_yolo26_exports_match_ultralytics_predict(
+    exported26: dict[str, Path], images: list[Path], kind: str, adapter: str
+) -> None:
+    theirs = ultra("predict", "--model", str(exported26[kind]), "--conf", "0.3",
+                   *map(str, images))
+    model = Predictor(exported26[kind], InferenceConfig(warmup_runs=0, score_threshold=0.3))
+    assert model.adapter.name == adapter
+    assert assert_parity(list(predict_files(model, images)), theirs) >= 3
+
+
 @pytest.mark.slow
 def test_cpu_rewrites_of_the_export_give_its_raw_outputs(
     exported: dict[str, Path], images: list[Path]

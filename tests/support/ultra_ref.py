@@ -58,7 +58,7 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    family = "yolo11" if arch == "11" else "yolov8"
+    family = {"11": "yolo11", "26": "yolo26", "v8": "yolov8"}[arch]
     stock = Path(ultralytics.__file__).parent / "cfg" / "models" / arch / f"{family}-pose.yaml"
     cfg = yaml.safe_load(stock.read_text())
     cfg["nc"] = 1  # the person layout of the pretrained models: [1, 4 + 1 + 17*3, A]
@@ -83,17 +83,28 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
     coco_pose = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco-pose.yaml"
     net.kpt_names = yaml.safe_load(coco_pose.read_text())["kpt_names"]
     head = net.model[-1]
+    # box (DFL), class and keypoint output convolutions per level; YOLO26's keypoints come
+    # from cv4_kpts, and its NMS-free (one-to-one) head has copies of each
+    # YOLO26 regresses box sides directly (no DFL; positive: no inverted boxes) and its class
+    # branch passes larger features: a narrower spread keeps scores off 1.0
+    yolo26 = getattr(head, "reg_max", 16) == 1
+    box_bias, cls_std, cls_bias = (2.0, 0.8, -3.5) if yolo26 else (0.0, 1.0, -2.0)
+    outputs = [("cv2", 0.3, box_bias), ("cv3", cls_std, cls_bias),
+               ("cv4_kpts" if hasattr(head, "cv4_kpts") else "cv4", 0.3, 0.0)]
     with torch.no_grad():
-        for branches, std, bias in ((head.cv2, 0.3, 0.0), (head.cv3, 1.0, -2.0),
-                                    (head.cv4, 0.3, 0.0)):
-            for branch in branches:  # box (DFL), class and keypoint outputs per level
-                last = branch[-1]
+        for name, std, bias in outputs:
+            for branch in getattr(head, name):
+                last = branch if isinstance(branch, torch.nn.Conv2d) else branch[-1]
                 last.weight.normal_(0.0, std / last.weight.shape[1] ** 0.5)
                 last.bias.fill_(bias)
+        for name in ("cv2", "cv3", "cv4", "cv4_kpts"):  # the NMS-free head (training leaves
+            twin = getattr(head, f"one2one_{name}", None)  # it close to the other): a copy
+            if twin is not None:
+                twin.load_state_dict(getattr(head, name).state_dict())
     result = {}
     kinds: list[tuple[str, dict[str, Any]]] = [("raw", {})]
-    if not raw_only:
-        kinds.append(("nms", {"nms": True}))
+    if not raw_only:  # YOLO26: its own NMS-free head; earlier ones: NMS inside the graph
+        kinds.append(("nms", {"nms": False} if arch == "26" else {"nms": True}))
     for key, kwargs in kinds:
         if opset is not None:
             kwargs["opset"] = opset
@@ -148,7 +159,8 @@ def main(argv: list[str]) -> int:
     ex.add_argument("--imgsz", type=int, default=640)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--calib", nargs="*", default=[], help="images for BatchNorm calibration")
-    ex.add_argument("--arch", choices=["11", "v8"], default="11", help="YOLO11 or YOLOv8")
+    ex.add_argument("--arch", choices=["11", "26", "v8"], default="11",
+                    help="YOLO11, YOLO26 or YOLOv8")
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (Ultralytics' default)")
     ex.add_argument("--raw-only", action="store_true", help="skip the NMS-free export")
     ex.add_argument("--dynamic", action="store_true",
