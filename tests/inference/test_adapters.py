@@ -63,7 +63,7 @@ def test_end2end_shape_with_another_output_format_is_refused(model_factory: Mode
 
 
 def test_last_dimension_must_fit_kpt_shape(model_factory: ModelFactory) -> None:
-    info = read_model_info(model_factory(metadata={"kpt_shape": "[4, 3]"}))
+    info = read_model_info(model_factory(metadata={"kpt_shape": "[4, 3]", "keypoint_names": None}))
     verdict = End2EndAdapter.accepts(info)
     assert not verdict.accepted
     assert "6 + K*D = 18" in verdict.reason
