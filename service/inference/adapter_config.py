@@ -44,16 +44,19 @@ class InputOverride(_Strict):
     """Input spec overrides; unset keys come from the model's metadata (or its defaults)."""
 
     layout: Literal["NCHW", "NHWC"] | None = None
-    color: Literal["RGB", "BGR"] | None = None
+    color: Literal["RGB", "BGR", "GRAY"] | None = Field(
+        default=None, description="GRAY: a one-channel input (the frame converted to gray)"
+    )
     dtype: Literal["uint8", "float32", "float16"] | None = None
     normalization: Literal["unit", "in-graph", "mean-std"] | None = Field(
         default=None,
         description="unit: x/255; in-graph: raw 0..255 values; mean-std: (x - mean) / std",
     )
-    mean: tuple[float, float, float] | None = Field(
-        default=None, description="per channel, in 0..255 units, in the model's color order"
+    mean: tuple[float, float, float] | tuple[float] | None = Field(
+        default=None,
+        description="per channel, in 0..255 units, in the model's color order (one for GRAY)",
     )
-    std: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | tuple[float] | None = None
     resize: Literal["letterbox", "stretch"] | None = None
     size: tuple[int, int] | None = Field(default=None, description="[height, width]")
     pad_value: int | None = Field(default=None, ge=0, le=255)
@@ -64,6 +67,8 @@ class InputOverride(_Strict):
             raise ValueError("normalization: mean-std needs both mean and std")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("std values must be > 0")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std need the same number of values (3, or 1 for GRAY)")
         return self
 
 

@@ -27,6 +27,7 @@ from service.inference.gpu import TOP_CANDIDATES_KEY
 from service.inference.inputs import (
     Normalizer,
     apply_input_override,
+    gray_as_bgr,
     to_model_input,
     ultralytics_letterbox,
 )
@@ -445,6 +446,8 @@ def ultralytics_preprocess(
     """Letterbox as Ultralytics does (bilinear, centred) and convert to the input tensor
     (its arrays taken from ``buffers`` when given)."""
     spec = info.input
+    if spec.color == "GRAY":  # Ultralytics' channels: 1 loaders convert before the letterbox
+        images = [gray_as_bgr(im) for im in images]
     batch = new_batch(buffers, (len(images), spec.height, spec.width, 3), np.uint8)
     transforms = [
         ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value, batch[i])[1]

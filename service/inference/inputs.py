@@ -16,17 +16,26 @@ import cv2
 import numpy as np
 
 from service.domain import ImageArray
+from service.errors import ModelError
 from service.inference.adapter_config import InputOverride
-from service.inference.metadata import InputSpec, ModelInfo, dtype_of
-from service.inference.preprocess import BatchBuffers, Transform, paste, resize_onto, to_layout
+from service.inference.metadata import InputSpec, ModelInfo, check_channels, dtype_of
+from service.inference.preprocess import (
+    BatchBuffers,
+    Transform,
+    gray,
+    paste,
+    resize_onto,
+    to_layout,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Normalizer:
-    """Per-channel ``(x - mean) / std`` in the model's color order (0..255 units)."""
+    """Per-channel ``(x - mean) / std`` in the model's color order (0..255 units); one
+    value each for a GRAY model."""
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 def apply_input_override(
@@ -48,6 +57,17 @@ def apply_input_override(
     if override.size is not None:
         changes["height"], changes["width"] = override.size
     new_spec = dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
+    where = f"model {str(info.path)!r} with the config's adapter.input"
+    if "layout" in changes or "color" in changes:
+        check_channels(info.inputs[0], new_spec.layout, new_spec.color, where)
+    channels = 1 if new_spec.color == "GRAY" else 3
+    for key in ("mean", "std"):
+        values = getattr(override, key)
+        if values is not None and len(values) != channels:
+            raise ModelError(
+                f"{where}: {key} has {len(values)} values, but the input has {channels} "
+                f"channel{'s' if channels > 1 else ''} ({new_spec.color})."
+            )
     new_info = dataclasses.replace(info, input=new_spec, imgsz=(new_spec.height, new_spec.width))
     normalizer = None
     if override.normalization == "mean-std" and override.mean and override.std:
@@ -64,13 +84,22 @@ def to_model_input(
     :func:`to_layout`)."""
     if normalizer is None:
         return to_layout(batch, spec, buffers, transforms)
-    x = batch[..., ::-1] if spec.color == "RGB" else batch
+    x = gray(batch) if spec.color == "GRAY" else batch
+    if spec.color == "RGB":
+        x = x[..., ::-1]
     mean = np.asarray(normalizer.mean, np.float32)
     inv_std = 1.0 / np.asarray(normalizer.std, np.float32)
     y = (x.astype(np.float32) - mean) * inv_std
     if spec.layout == "NCHW":
         y = y.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(y.astype(dtype_of(spec), copy=False))
+
+
+def gray_as_bgr(image: ImageArray) -> ImageArray:
+    """The image in gray, stored as three equal channels: what a GRAY model sees of it,
+    converted before the resize, as Ultralytics' ``channels: 1`` loaders do."""
+    return np.asarray(cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY),
+                                   cv2.COLOR_GRAY2BGR), np.uint8)
 
 
 def ultralytics_letterbox(

@@ -26,7 +26,7 @@ from service.errors import ModelError
 
 Dim = int | str | None  # a static size, a symbolic name, or unknown
 Layout = Literal["NHWC", "NCHW"]
-Color = Literal["BGR", "RGB"]
+Color = Literal["BGR", "RGB", "GRAY"]  # GRAY: a one-channel input (OpenCV BGR -> gray)
 Normalization = Literal["in-graph", "unit"]  # unit: float 0..1 (divide by 255)
 Resize = Literal["letterbox", "stretch"]
 
@@ -230,7 +230,10 @@ def build_model_info(
     dtype = metadata.get("input_dtype") or image.dtype
     if "input_dtype" not in metadata:
         defaulted.append("input_dtype")
-    color = _choice(metadata.get("input_color"), ("BGR", "RGB"), "RGB", "input_color", where)
+    channels = input_channels(image, layout)
+    color = _choice(metadata.get("input_color"), ("BGR", "RGB", "GRAY"),
+                    "GRAY" if channels == 1 else "RGB", "input_color", where)
+    check_channels(image, layout, color, where)
     normalization = _choice(
         metadata.get("normalization"), ("in-graph", "unit"),
         "in-graph" if dtype == "uint8" else "unit", "normalization", where,
@@ -274,14 +277,35 @@ def _layout(value: str | None, image: TensorSpec, where: str) -> Layout:
         if value not in ("NHWC", "NCHW"):
             raise ModelError(f"{where}: input_layout must be NHWC or NCHW, got {value!r}.")
         return value  # type: ignore[return-value]
-    if image.shape[3] == 3:
-        return "NHWC"
-    if image.shape[1] == 3:
-        return "NCHW"
+    for channels in (3, 1):  # color, then gray (e.g. Ultralytics trained with channels: 1)
+        if image.shape[3] == channels:
+            return "NHWC"
+        if image.shape[1] == channels:
+            return "NCHW"
     raise ModelError(
         f"{where}: cannot tell the layout of input {image.describe()} (no channel "
-        "dimension of size 3 and no input_layout metadata). Add input_layout=NHWC or NCHW."
+        "dimension of size 3 or 1 and no input_layout metadata). Add input_layout=NHWC or NCHW."
     )
+
+
+def input_channels(image: TensorSpec, layout: Layout) -> Dim:
+    """The image input's channel dimension, as the layout places it."""
+    return image.shape[3] if layout == "NHWC" else image.shape[1]
+
+
+def check_channels(image: TensorSpec, layout: Layout, color: str, where: str) -> None:
+    """Refuse an input whose channel count LineWatch cannot feed or that the color
+    contradicts: 3 channels (BGR, RGB) or 1 (GRAY); a symbolic channel dimension is taken
+    at its word."""
+    channels = input_channels(image, layout)
+    want = 1 if color == "GRAY" else 3
+    if isinstance(channels, int) and channels > 0 and channels != want:
+        fed = "3 (color)" if want == 3 else "1 (gray)"
+        raise ModelError(
+            f"{where}: input {image.describe()} as {layout} has {channels!r} channels, but "
+            f"input color {color} feeds {fed}. LineWatch feeds 3-channel BGR/RGB or "
+            "1-channel GRAY images; fix input_layout or input_color."
+        )
 
 
 def _parse_imgsz(

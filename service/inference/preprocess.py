@@ -243,6 +243,8 @@ def to_layout(
     ``spec.pad_value``) with that value converted: the same tensor, 0.70 -> 0.47 ms for a
     16:9 frame at 640."""
     dtype = dtype_of(spec)
+    if spec.color == "GRAY":
+        return _gray_layout(batch, spec, dtype, buffers)
     if spec.layout == "NCHW" and dtype != np.uint8:
         b, h, w, _ = batch.shape
         rows = None if transforms is None else [t.content_rows for t in transforms]
@@ -258,6 +260,37 @@ def to_layout(
     elif x.dtype != dtype:
         x = x.astype(dtype)
     return np.ascontiguousarray(x)
+
+
+def gray(batch: ImageArray, buffers: BatchBuffers | None = None) -> np.ndarray:
+    """(B, H, W, 3) uint8 BGR -> (B, H, W, 1) uint8 gray, as OpenCV's BGR2GRAY (and so
+    Ultralytics' channels: 1 loaders) computes it; a gray image stored as three equal
+    channels comes back unchanged."""
+    b, h, w, _ = batch.shape
+    out = new_batch(buffers, (b, h, w, 1), np.uint8)
+    for i in range(b):
+        cv2.cvtColor(batch[i], cv2.COLOR_BGR2GRAY, dst=out[i, :, :, 0])
+    return out
+
+
+def _gray_layout(
+    batch: ImageArray, spec: InputSpec, dtype: np.dtype[Any], buffers: BatchBuffers | None
+) -> np.ndarray:
+    """The one-channel input of a GRAY model: (B, 1, H, W) or (B, H, W, 1)."""
+    g = gray(batch, buffers)
+    b, h, w, _ = g.shape
+    if spec.layout == "NHWC" and dtype == np.uint8:
+        return g
+    shape = (b, 1, h, w) if spec.layout == "NCHW" else (b, h, w, 1)
+    out = new_batch(buffers, shape, dtype)
+    src = g.reshape(shape)  # one channel: NHWC and NCHW hold the same bytes
+    if spec.normalization == "unit":
+        np.multiply(src, dtype.type(1.0 / 255.0), out=out, casting="unsafe")
+    else:
+        np.copyto(out, src, casting="unsafe")
+    if buffers is not None:
+        buffers.give([g])
+    return out
 
 
 def _planar(

@@ -260,6 +260,7 @@ def check_cuda_graphs(info: ModelInfo, gpu: GpuConfig, name: str) -> None:
 def _uint8_wrappable(info: ModelInfo) -> bool:
     spec = info.input
     return (spec.layout == "NCHW" and spec.dtype == "float32" and spec.normalization == "unit"
+            and spec.color != "GRAY"  # converted to gray on the host
             and len(info.inputs) == 1 and info.inputs[0].dtype == "float32")
 
 

@@ -69,6 +69,7 @@ def build_model(
     width: int = 320,
     batch: int | str = "batch",
     layout: str = "NHWC",
+    channels: int = 3,
     dtype: int = TensorProto.UINT8,
     output_shape: list[int | str] | None = None,
     metadata: Mapping[str, str | None] | None = None,
@@ -84,7 +85,9 @@ def build_model(
     block = np.zeros((num_rows, width_out), np.float32)
     block[: len(rows)] = rows
     nhwc = layout == "NHWC"
-    in_shape: list[Any] = [batch, height, width, 3] if nhwc else [batch, 3, height, width]
+    in_shape: list[Any] = (
+        [batch, height, width, channels] if nhwc else [batch, channels, height, width]
+    )
     out_dims: list[Any] = output_shape or [batch, num_rows, width_out]
     if output_shape is not None:  # an arbitrary layout: constant of that shape (batch 1 broadcast)
         const_shape = [1 if isinstance(d, str) else d for d in output_shape]

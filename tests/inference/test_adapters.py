@@ -2,19 +2,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import pytest
+from onnx import TensorProto
+from pydantic import ValidationError
 
 from service.domain import Detections
 from service.errors import ModelError
 from service.inference import adapters
+from service.inference.adapter_config import AdapterConfig
 from service.inference.adapters import (
     Adapter,
     End2EndAdapter,
     Verdict,
+    configured_adapter,
     decode_end2end,
     register_adapter,
     select_adapter,
+    ultralytics_preprocess,
 )
 from service.inference.metadata import ModelInfo, read_model_info
 from service.inference.preprocess import Transform
@@ -178,3 +184,67 @@ def test_ultralytics_instances_go_to_frame_pixels_as_one_image_at_a_time_would()
         assert det.boxes.min() >= -0.5 if n else True
     empty = ultralytics_in_frames([Decoded.empty(4)] * 2, transforms[:2])
     assert [len(d) for d in empty] == [0, 0] and empty[0].keypoints.shape == (0, 4, 3)
+
+
+def float_model_info(
+    model_factory: ModelFactory, channels: int = 1, **metadata: str | None
+) -> ModelInfo:
+    """A float NCHW model at 640 whose metadata says nothing of its input, as Ultralytics
+    exports one (``channels=1``: trained with channels: 1)."""
+    unsaid = {k: None for k in ("input_layout", "input_color", "input_dtype", "normalization")}
+    return read_model_info(model_factory(
+        layout="NCHW", channels=channels, dtype=TensorProto.FLOAT, height=640, width=640,
+        metadata={**unsaid, "author": "Ultralytics", **metadata},
+    ))
+
+
+def test_ultralytics_gray_model_sees_the_frame_turned_gray_before_the_letterbox(
+    model_factory: ModelFactory,
+) -> None:
+    """Ultralytics' channels: 1 loaders convert each frame to gray, then letterbox it."""
+    info = float_model_info(model_factory)
+    frame = np.random.default_rng(8).integers(0, 256, (270, 480, 3), dtype=np.uint8)
+    feed, transforms = ultralytics_preprocess([frame], info, None)
+    x = feed[info.input.name]
+    assert x.shape == (1, 1, 640, 640)
+    expected = np.full((640, 640), 114, np.uint8)  # 480x270 -> 640x360, 140 rows above
+    expected[140:500] = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (640, 360),
+                                   interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(x[0, 0], expected / 255.0, atol=1e-6)
+    assert (transforms[0].pad_y, transforms[0].scale_x) == (140, 640 / 480)
+
+
+@pytest.mark.parametrize(("channels", "section", "message"), [
+    (3, {"color": "GRAY"}, "has 3 channels, but input color GRAY feeds 1"),
+    (1, {"color": "RGB"}, "has 1 channels, but input color RGB feeds 3"),
+    (1, {"normalization": "mean-std", "mean": [120, 120, 120], "std": [60, 60, 60]},
+     "mean has 3 values, but the input has 1 channel"),
+    (3, {"normalization": "mean-std", "mean": [120], "std": [60]},
+     "mean has 1 values, but the input has 3 channels"),
+])
+def test_input_overrides_must_fit_the_channel_count(
+    model_factory: ModelFactory, channels: int, section: dict[str, object], message: str
+) -> None:
+    info = float_model_info(model_factory, channels)
+    with pytest.raises(ModelError, match=message):
+        configured_adapter(info, AdapterConfig.model_validate({"input": section}))
+
+
+def test_gray_mean_std_normalises_the_one_channel(model_factory: ModelFactory) -> None:
+    info = float_model_info(model_factory, author=None, output_format="end2end")
+    settings = AdapterConfig.model_validate(
+        {"input": {"normalization": "mean-std", "mean": [100], "std": [50]}})
+    info, normalizer, choice = configured_adapter(info, settings)
+    assert normalizer is not None and choice.adapter is End2EndAdapter
+    adapter = choice.adapter(info, 0.5, None, settings, normalizer)
+    frame = np.full((640, 640, 3), (10, 200, 30), np.uint8)  # BGR
+    x = adapter.preprocess([frame])[0][info.input.name]
+    level = cv2.cvtColor(frame[:1, :1], cv2.COLOR_BGR2GRAY)[0, 0]
+    assert x.shape == (1, 1, 640, 640)
+    np.testing.assert_allclose(x, (float(level) - 100) / 50, atol=1e-5)
+
+
+def test_mean_and_std_need_the_same_number_of_values() -> None:
+    with pytest.raises(ValidationError, match="same number of values"):
+        AdapterConfig.model_validate(
+            {"input": {"normalization": "mean-std", "mean": [1, 2, 3], "std": [4]}})

@@ -42,7 +42,7 @@ from service.inference.gpu import (
 from service.inference.metadata import InputSpec, read_model_info
 from service.inference.preprocess import to_layout
 from service.inference.session import CPU, nvidia_driver_present, tensorrt_runtime_present
-from tests.inference.onnx_factory import K, default_metadata, make_row
+from tests.inference.onnx_factory import K, build_model, default_metadata, make_row
 
 HAS_GPU = nvidia_driver_present() and "CUDAExecutionProvider" in ort.get_available_providers()
 HAS_TRT = (HAS_GPU and "TensorrtExecutionProvider" in ort.get_available_providers()
@@ -592,6 +592,20 @@ def test_uint8_graph_is_skipped_for_an_input_override(
     assert model.device_setup is not None and not model.device_setup.uint8_input
     assert model.info.input.dtype == "float32" and model.info.input.color == "BGR"
     assert len(model.predict(frames(1))[0]) == 2
+
+
+def test_uint8_graph_is_skipped_for_a_gray_model(tmp_path: Path, fast_path_on_cpu: None) -> None:
+    """A one-channel model is fed frames converted to gray on the host (the device graph
+    takes BGR frames); it still runs on the GPU path, and gets the same result."""
+    rows = np.stack([make_row((20, 40, 80, 80), 0.9, 1, np.full((K, 3), 50.0, np.float32))])
+    unsaid = {k: None for k in ("input_layout", "input_color", "input_dtype", "normalization")}
+    path = build_model(tmp_path / "gray.onnx", rows, layout="NCHW", channels=1,
+                       dtype=TensorProto.FLOAT, metadata=unsaid)
+    model = OrtModel(path, InferenceConfig(warmup_runs=0))
+    assert model.device_setup is not None and not model.device_setup.uint8_input
+    assert model.info.input.color == "GRAY" and model.info.input.dtype == "float32"
+    assert_same(model.predict(frames(2)),
+                plain_cpu_model(path, InferenceConfig(warmup_runs=0)).predict(frames(2)))
 
 
 def test_bench_session_takes_the_same_feeds(tmp_path: Path, fast_path_on_cpu: None) -> None:

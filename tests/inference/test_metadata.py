@@ -64,6 +64,26 @@ def test_session_reader_agrees_with_file_reader(model_factory: ModelFactory) -> 
     assert from_session.outputs[0].shape == from_file.outputs[0].shape
 
 
+@pytest.mark.parametrize(("layout", "dtype"), [("NCHW", TensorProto.FLOAT),
+                                               ("NHWC", TensorProto.UINT8)])
+def test_a_one_channel_input_is_a_gray_model(
+    model_factory: ModelFactory, layout: str, dtype: int
+) -> None:
+    """E.g. Ultralytics trained with channels: 1 (a mono camera's model)."""
+    unsaid = {k: None for k in ("input_layout", "input_color", "input_dtype", "normalization")}
+    info = read_model_info(model_factory(layout=layout, channels=1, dtype=dtype,
+                                         metadata=unsaid))
+    assert (info.input.layout, info.input.color) == (layout, "GRAY")
+
+
+@pytest.mark.parametrize(("channels", "color"), [(1, "RGB"), (3, "GRAY"), (4, "BGR")])
+def test_input_color_must_fit_the_channel_count(
+    model_factory: ModelFactory, channels: int, color: str
+) -> None:
+    with pytest.raises(ModelError, match=rf"has {channels} channels, but input color {color}"):
+        read_model_info(model_factory(channels=channels, metadata={"input_color": color}))
+
+
 def test_names_as_a_list_and_imgsz_from_the_tensor(model_factory: ModelFactory) -> None:
     info = read_model_info(model_factory(metadata={"names": "['a', 'b']", "imgsz": None}))
     assert info.class_names == ("a", "b")

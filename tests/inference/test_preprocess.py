@@ -8,6 +8,7 @@ from service.inference.metadata import InputSpec
 from service.inference.preprocess import (
     BatchBuffers,
     Transform,
+    gray,
     letterbox,
     make_batch,
     paste,
@@ -109,6 +110,33 @@ def test_to_layout_keeps_uint8_bgr_nhwc_untouched() -> None:
     x = to_layout(batch, spec())
     assert x.dtype == np.uint8
     np.testing.assert_array_equal(x, batch)
+
+
+@pytest.mark.parametrize(("layout", "dtype", "normalization"), [
+    ("NCHW", "float32", "unit"), ("NHWC", "uint8", "in-graph"), ("NHWC", "float16", "unit"),
+])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_gray_input_is_opencvs_bgr_to_gray_in_the_models_layout(
+    layout: str, dtype: str, normalization: str, pooled: bool
+) -> None:
+    batch = np.random.default_rng(3).integers(0, 256, (3, 6, 7, 3), dtype=np.uint8)
+    buffers = BatchBuffers() if pooled else None
+    x = to_layout(batch, spec(layout=layout, dtype=dtype, color="GRAY",
+                              normalization=normalization), buffers)
+    expected = np.stack([cv2.cvtColor(b, cv2.COLOR_BGR2GRAY) for b in batch]).astype(np.float64)
+    if normalization == "unit":
+        expected /= 255.0
+    assert x.shape == ((3, 1, 6, 7) if layout == "NCHW" else (3, 6, 7, 1))
+    assert x.dtype == np.dtype(dtype) and x.flags.c_contiguous
+    np.testing.assert_allclose(x.reshape(3, 6, 7), expected, rtol=1e-3 if dtype == "float16"
+                               else 1e-6)
+    if buffers is not None and dtype != "uint8":
+        assert buffers.lent == 1  # the gray scratch batch went back; only the result is out
+
+
+def test_gray_of_a_gray_frame_stored_as_bgr_is_that_frame() -> None:
+    plane = np.random.default_rng(4).integers(0, 256, (1, 5, 9), dtype=np.uint8)
+    np.testing.assert_array_equal(gray(np.repeat(plane[..., None], 3, axis=3))[..., 0], plane)
 
 
 def test_make_batch_stacks_mixed_sizes_with_one_transform_each() -> None:

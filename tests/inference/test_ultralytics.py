@@ -145,6 +145,44 @@ def test_yolo26_exports_match_ultralytics_predict(
     assert assert_parity(list(predict_files(model, images)), theirs) >= 3
 
 
+@pytest.fixture(scope="module")
+def gray_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A gray YOLO11n-pose (input [1, 1, 640, 640]), as training with channels: 1 makes it."""
+    out = tmp_path_factory.mktemp("yolo-gray")
+    paths = ultra("export", "--out", str(out), "--channels", "1", "--calib", *map(str, COCO))[0]
+    return {k: Path(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def gray_images(images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The images as a mono camera gives them: one-channel PNGs (Ultralytics decodes a
+    color JPEG straight to gray, by other weights than OpenCV's BGR->gray of its frames)."""
+    import cv2
+
+    out = tmp_path_factory.mktemp("gray")
+    paths = []
+    for path in images:
+        frame = cv2.imread(str(path))
+        assert frame is not None, path
+        target = out / f"{path.stem}.png"
+        cv2.imwrite(str(target), cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
+        paths.append(target)
+    return paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+def test_gray_model_matches_ultralytics_predict(
+    gray_exported: dict[str, Path], gray_images: list[Path], kind: str, adapter: str
+) -> None:
+    theirs = ultra("predict", "--model", str(gray_exported[kind]), "--conf", "0.3",
+                   *map(str, gray_images))
+    model = Predictor(gray_exported[kind], InferenceConfig(warmup_runs=0, score_threshold=0.3))
+    assert model.adapter.name == adapter
+    assert model.info.input.color == "GRAY" and model.info.input.layout == "NCHW"
+    assert assert_parity(list(predict_files(model, gray_images)), theirs) >= 3
+
+
 @pytest.mark.slow
 def test_cpu_rewrites_of_the_export_give_its_raw_outputs(
     exported: dict[str, Path], images: list[Path]

@@ -8,6 +8,8 @@ virtualenv, so tests run this file as a subprocess:
         builds YOLO("yolo11n-pose.yaml") with nc: 1 offline (untrained, seeded weights,
         BatchNorm statistics calibrated on the given images so outputs are not degenerate),
         (with coco-pose.yaml's kpt_names, as a model trained on it exports them)
+        ([--channels 1]: a gray model, input [1, 1, H, W], as Ultralytics trains with a
+        data yaml's channels: 1)
         exports DIR/yolo11n-pose.onnx (raw [1, 56, A]) and DIR/yolo11n-pose-nms.onnx
         (NMS inside, [1, 300, 57]); prints {"raw": path, "nms": path} as JSON.
     .venv-ultralytics/bin/python tests/support/ultra_ref.py predict --model X.onnx
@@ -34,23 +36,27 @@ from pathlib import Path
 from typing import Any
 
 
-def calibration_batch(images: list[str], imgsz: int) -> Any:
-    """Real images (resized, RGB, 0..1) when given, else smooth random ones."""
+def calibration_batch(images: list[str], imgsz: int, channels: int = 3) -> Any:
+    """Real images (resized, RGB or gray, 0..1) when given, else smooth random ones."""
     import cv2
     import numpy as np
     import torch
 
     if images:
-        arrays = [cv2.resize(cv2.imread(p), (imgsz, imgsz))[..., ::-1] for p in images]
+        if channels == 1:
+            arrays = [cv2.resize(cv2.imread(p, cv2.IMREAD_GRAYSCALE), (imgsz, imgsz))[..., None]
+                      for p in images]
+        else:
+            arrays = [cv2.resize(cv2.imread(p), (imgsz, imgsz))[..., ::-1] for p in images]
         batch = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         return torch.from_numpy(np.ascontiguousarray(batch))
-    coarse = torch.rand(4, 3, 12, 12)
+    coarse = torch.rand(4, channels, 12, 12)
     return torch.nn.functional.interpolate(coarse, size=(imgsz, imgsz), mode="bilinear")
 
 
 def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
            arch: str = "11", opset: int | None = None, raw_only: bool = False,
-           dynamic: bool = False) -> dict[str, str]:
+           dynamic: bool = False, channels: int = 3) -> dict[str, str]:
     import torch
     import ultralytics
     import yaml
@@ -67,6 +73,12 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
     yaml_path = work / f"{family}n-pose.yaml"  # the "n" in the name picks the nano scale
     yaml_path.write_text(yaml.safe_dump(cfg))
     model = YOLO(str(yaml_path), task="pose")
+    if channels != 3:  # a gray model, as training with a data yaml's channels: 1 builds it
+        from ultralytics.nn.tasks import PoseModel
+
+        gray = PoseModel(str(yaml_path), ch=channels, verbose=False)
+        gray.args, gray.task = model.model.args, model.model.task
+        model.model = gray
     # Untrained, the activations vanish layer by layer (every anchor gets the same output).
     # Calibrate each BatchNorm on one batch (momentum 1: running stats = batch stats), so
     # every layer passes unit-scale features, and spread the class scores so that NMS has
@@ -77,7 +89,7 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
             module.momentum = 1.0
     net.train()
     with torch.no_grad():
-        net(calibration_batch(calib or [], imgsz))
+        net(calibration_batch(calib or [], imgsz, channels))
     net.eval()
     # What training on coco-pose.yaml leaves on the model (Ultralytics exports it as kpt_names)
     coco_pose = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco-pose.yaml"
@@ -85,10 +97,13 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
     head = net.model[-1]
     # box (DFL), class and keypoint output convolutions per level; YOLO26's keypoints come
     # from cv4_kpts, and its NMS-free (one-to-one) head has copies of each
-    # YOLO26 regresses box sides directly (no DFL; positive: no inverted boxes) and its class
-    # branch passes larger features: a narrower spread keeps scores off 1.0
+    # YOLO26 regresses box sides directly (no DFL; positive: no inverted boxes); its class
+    # branch, and a gray model's, pass larger features: a narrower spread keeps the scores
+    # off 1.0 (where ties would leave the order to rounding)
     yolo26 = getattr(head, "reg_max", 16) == 1
     box_bias, cls_std, cls_bias = (2.0, 0.8, -3.5) if yolo26 else (0.0, 1.0, -2.0)
+    if channels == 1:
+        cls_std, cls_bias = 0.5, -4.0
     outputs = [("cv2", 0.3, box_bias), ("cv3", cls_std, cls_bias),
                ("cv4_kpts" if hasattr(head, "cv4_kpts") else "cv4", 0.3, 0.0)]
     with torch.no_grad():
@@ -163,6 +178,8 @@ def main(argv: list[str]) -> int:
                     help="YOLO11, YOLO26 or YOLOv8")
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (Ultralytics' default)")
     ex.add_argument("--raw-only", action="store_true", help="skip the NMS-free export")
+    ex.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                    help="1: a gray model (input [B, 1, H, W])")
     ex.add_argument("--dynamic", action="store_true",
                     help="dynamic batch, height and width (Ultralytics' dynamic=True)")
     pr = sub.add_parser("predict")
@@ -182,7 +199,7 @@ def main(argv: list[str]) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         if args.cmd == "export":
             emit(export(args.out, args.imgsz, args.seed, args.calib, args.arch, args.opset,
-                        args.raw_only, args.dynamic))
+                        args.raw_only, args.dynamic, args.channels))
         elif args.cmd == "predict":
             predict(args.model, args.images, args.conf, args.iou, args.max_det)
         else:
