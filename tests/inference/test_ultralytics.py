@@ -184,6 +184,20 @@ def test_gray_model_matches_ultralytics_predict(
 
 
 @pytest.mark.slow
+def test_gray_model_on_color_video_frames_matches_ultralytics(
+    gray_exported: dict[str, Path]
+) -> None:
+    """A camera's color frames: both turn each one gray (OpenCV's BGR->gray), then letterbox."""
+    if not STREET.exists():
+        pytest.skip("../shared/data/videos is absent")
+    theirs = ultra("predict", "--model", str(gray_exported["raw"]), "--conf", "0.1", str(STREET))
+    model = Predictor(gray_exported["raw"], InferenceConfig(warmup_runs=0, score_threshold=0.1))
+    ours = list(predict_files(model, [STREET]))
+    assert [r["frame"] for r in ours] == [r["frame"] for r in theirs] == list(range(5))
+    assert assert_parity(ours, theirs) >= 3
+
+
+@pytest.mark.slow
 def test_cpu_rewrites_of_the_export_give_its_raw_outputs(
     exported: dict[str, Path], images: list[Path]
 ) -> None:

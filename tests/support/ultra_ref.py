@@ -13,10 +13,10 @@ virtualenv, so tests run this file as a subprocess:
         exports DIR/yolo11n-pose.onnx (raw [1, 56, A]) and DIR/yolo11n-pose-nms.onnx
         (NMS inside, [1, 300, 57]); prints {"raw": path, "nms": path} as JSON.
     .venv-ultralytics/bin/python tests/support/ultra_ref.py predict --model X.onnx
-        --conf C --iou I [--max-det N] IMAGE...
-        runs YOLO(X).predict on each image; prints one JSON object per image:
-        {"file", "boxes": [[x1, y1, x2, y2]], "scores", "classes", "keypoints": [[[x, y, s]]],
-         "kpt_names": the names Ultralytics read from the file's metadata}.
+        --conf C --iou I [--max-det N] IMAGE_OR_VIDEO...
+        runs YOLO(X).predict on each file; prints one JSON object per image or video frame:
+        {"file", "frame", "boxes": [[x1, y1, x2, y2]], "scores", "classes",
+         "keypoints": [[[x, y, s]]], "kpt_names": the names read from the file's metadata}.
     .venv-ultralytics/bin/python tests/support/ultra_ref.py stream --model X.onnx
         --source CLIP [--frames N] [--warmup W] [--conf C]
         times YOLO(X).predict(source, stream=True) and prints {"fps", "frames", "seconds"}.
@@ -136,17 +136,23 @@ def predict(model_path: str, images: list[str], conf: float, iou: float, max_det
     from ultralytics import YOLO
 
     model = YOLO(model_path, task="pose")
-    for image in images:
-        res = model.predict(image, conf=conf, iou=iou, max_det=max_det, verbose=False)[0]
-        record: dict[str, Any] = {
-            "file": image,
-            "boxes": res.boxes.xyxy.cpu().numpy().tolist(),
-            "scores": res.boxes.conf.cpu().numpy().tolist(),
-            "classes": res.boxes.cls.cpu().numpy().astype(int).tolist(),
-            "keypoints": res.keypoints.data.cpu().numpy().tolist() if res.keypoints else [],
-            "kpt_names": getattr(model.predictor.model, "kpt_names", None),  # from metadata
-        }
-        emit(record)
+    for image in images:  # an image gives one result, a video one per frame
+        results = model.predict(image, stream=True, conf=conf, iou=iou, max_det=max_det,
+                                verbose=False)
+        for frame, res in enumerate(results):
+            emit(record(image, frame, res, model))
+
+
+def record(image: str, frame: int, res: Any, model: Any) -> dict[str, Any]:
+    return {
+        "file": image,
+        "frame": frame,
+        "boxes": res.boxes.xyxy.cpu().numpy().tolist(),
+        "scores": res.boxes.conf.cpu().numpy().tolist(),
+        "classes": res.boxes.cls.cpu().numpy().astype(int).tolist(),
+        "keypoints": res.keypoints.data.cpu().numpy().tolist() if res.keypoints else [],
+        "kpt_names": getattr(model.predictor.model, "kpt_names", None),  # from metadata
+    }
 
 
 def stream(model_path: str, source: str, frames: int, warmup: int, conf: float) -> None:
