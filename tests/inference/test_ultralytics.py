@@ -146,6 +146,30 @@ def test_yolo26_exports_match_ultralytics_predict(
 
 
 @pytest.fixture(scope="module")
+def rect_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """imgsz=(384, 640): a 16:9 camera's export (40 % less compute than 640x640)."""
+    out = tmp_path_factory.mktemp("yolo-rect")
+    paths = ultra("export", "--out", str(out), "--imgsz", "384,640", "--calib",
+                  *map(str, COCO))[0]
+    return {k: Path(v) for k, v in paths.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+def test_rectangular_export_matches_ultralytics_predict(
+    rect_exported: dict[str, Path], images: list[Path], kind: str, adapter: str
+) -> None:
+    """COCO images get side padding, the 960x540 street frames a band above and below."""
+    files = [*images, *([STREET] if STREET.exists() else [])]
+    theirs = ultra("predict", "--model", str(rect_exported[kind]), "--conf", "0.3",
+                   *map(str, files))
+    model = Predictor(rect_exported[kind], InferenceConfig(warmup_runs=0, score_threshold=0.3))
+    assert model.adapter.name == adapter
+    assert (model.info.input.height, model.info.input.width) == (384, 640)
+    assert assert_parity(list(predict_files(model, files)), theirs) >= 3
+
+
+@pytest.fixture(scope="module")
 def gray_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A gray YOLO11n-pose (input [1, 1, 640, 640]), as training with channels: 1 makes it."""
     out = tmp_path_factory.mktemp("yolo-gray")

@@ -3,7 +3,7 @@
 Ultralytics (and its torch) is a test-only dependency that cannot share the main
 virtualenv, so tests run this file as a subprocess:
 
-    .venv-ultralytics/bin/python tests/support/ultra_ref.py export --out DIR [--imgsz 640]
+    .venv-ultralytics/bin/python tests/support/ultra_ref.py export --out DIR [--imgsz 640|H,W]
             [--calib IMAGE...]
         builds YOLO("yolo11n-pose.yaml") with nc: 1 offline (untrained, seeded weights,
         BatchNorm statistics calibrated on the given images so outputs are not degenerate),
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 
-def calibration_batch(images: list[str], imgsz: int, channels: int = 3) -> Any:
+def calibration_batch(images: list[str], imgsz: tuple[int, int], channels: int = 3) -> Any:
     """Real images (resized, RGB or gray, 0..1) when given, else smooth random ones."""
     import cv2
     import numpy as np
@@ -44,17 +44,17 @@ def calibration_batch(images: list[str], imgsz: int, channels: int = 3) -> Any:
 
     if images:
         if channels == 1:
-            arrays = [cv2.resize(cv2.imread(p, cv2.IMREAD_GRAYSCALE), (imgsz, imgsz))[..., None]
+            arrays = [cv2.resize(cv2.imread(p, cv2.IMREAD_GRAYSCALE), imgsz[::-1])[..., None]
                       for p in images]
         else:
-            arrays = [cv2.resize(cv2.imread(p), (imgsz, imgsz))[..., ::-1] for p in images]
+            arrays = [cv2.resize(cv2.imread(p), imgsz[::-1])[..., ::-1] for p in images]
         batch = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         return torch.from_numpy(np.ascontiguousarray(batch))
     coarse = torch.rand(4, channels, 12, 12)
-    return torch.nn.functional.interpolate(coarse, size=(imgsz, imgsz), mode="bilinear")
+    return torch.nn.functional.interpolate(coarse, size=imgsz, mode="bilinear")
 
 
-def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
+def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None = None,
            arch: str = "11", opset: int | None = None, raw_only: bool = False,
            dynamic: bool = False, channels: int = 3) -> dict[str, str]:
     import torch
@@ -125,7 +125,7 @@ def export(out: Path, imgsz: int, seed: int, calib: list[str] | None = None,
             kwargs["opset"] = opset
         if dynamic:  # batch, height and width dynamic (what users export for batching)
             kwargs["dynamic"] = True
-        exported = Path(model.export(format="onnx", imgsz=imgsz, verbose=False, **kwargs))
+        exported = Path(model.export(format="onnx", imgsz=list(imgsz), verbose=False, **kwargs))
         target = out / (f"{family}n-pose.onnx" if key == "raw" else f"{family}n-pose-nms.onnx")
         shutil.move(str(exported), target)
         result[key] = str(target)
@@ -172,12 +172,18 @@ def stream(model_path: str, source: str, frames: int, warmup: int, conf: float) 
     emit({"fps": timed / elapsed if elapsed > 0 else 0.0, "frames": timed, "seconds": elapsed})
 
 
+def imgsz_arg(text: str) -> tuple[int, int]:
+    sides = [int(v) for v in text.split(",")]
+    return (sides[0], sides[-1]) if len(sides) in (1, 2) else (0, 0)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export")
     ex.add_argument("--out", type=Path, required=True)
-    ex.add_argument("--imgsz", type=int, default=640)
+    ex.add_argument("--imgsz", type=imgsz_arg, default=(640, 640),
+                    help="640, or H,W for a rectangular export (e.g. 384,640)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--calib", nargs="*", default=[], help="images for BatchNorm calibration")
     ex.add_argument("--arch", choices=["11", "26", "v8"], default="11",
