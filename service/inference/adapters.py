@@ -227,7 +227,8 @@ class End2EndAdapter(Adapter):
                     f"kpt_shape={list(info.kpt_shape) if info.kpt_shape else None}",
                 )
             why = "output_format=end2end" if fmt else "no output_format, but the shape fits"
-            return Verdict(True, f"{why}; output {out.describe()} = 6 + {k}*{d}")
+            what = f"6 + {k}*{d}" if k else "6: boxes only (a detector)"
+            return Verdict(True, f"{why}; output {out.describe()} = {what}")
         if fmt == "end2end":
             return Verdict(True, f"output_format=end2end; output {out.describe()} has a "
                                  "dynamic last dimension, checked at run time")
@@ -342,9 +343,8 @@ class UltralyticsPoseAdapter(Adapter):
             )
         if isinstance(anchors, int) and anchors <= channels:
             return Verdict(False, f"{anchors} anchors <= {channels} channels: not [B, 4+C+K*D, A]")
-        return Verdict(
-            True, f"output {out.describe()} = [B, 4 + {nc} classes + {k}*{d} keypoints, anchors]"
-        )
+        parts = f"4 + {nc} classes + {k}*{d} keypoints" if k else f"4 + {nc} classes: a detector"
+        return Verdict(True, f"output {out.describe()} = [B, {parts}, anchors]")
 
     def __init__(self, info: ModelInfo, *args: Any, **kwargs: Any) -> None:
         super().__init__(info, *args, **kwargs)

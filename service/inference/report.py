@@ -86,7 +86,8 @@ def render_inspection(report: dict[str, Any]) -> str:
         lines.append(f"  (not in metadata, defaulted: {', '.join(report['defaulted'])})")
     lines.append("classes:")
     for c in report["classes"]:
-        lines.append(f"  {c['id']}: {c['name']}  keypoints: {', '.join(c['keypoint_names'])}")
+        names = ", ".join(c["keypoint_names"]) or "none (boxes only)"
+        lines.append(f"  {c['id']}: {c['name']}  keypoints: {names}")
     if report.get("cpu_rewrites"):
         done = describe_rewrites(report["cpu_rewrites"])
         lines.append(f"on ONNX Runtime's CPU: graph rewrites {done} (cpu_rewrites: false "

@@ -9,7 +9,8 @@ virtualenv, so tests run this file as a subprocess:
         BatchNorm statistics calibrated on the given images so outputs are not degenerate),
         (with coco-pose.yaml's kpt_names, as a model trained on it exports them)
         ([--channels 1]: a gray model, input [1, 1, H, W], as Ultralytics trains with a
-        data yaml's channels: 1)
+        data yaml's channels: 1; [--detect N]: YOLO("yolo11n.yaml") with N classes instead,
+        DIR/yolo11n.onnx and DIR/yolo11n-nms.onnx)
         exports DIR/yolo11n-pose.onnx (raw [1, 56, A]) and DIR/yolo11n-pose-nms.onnx
         (NMS inside, [1, 300, 57]); prints {"raw": path, "nms": path} as JSON.
     .venv-ultralytics/bin/python tests/support/ultra_ref.py predict --model X.onnx
@@ -56,7 +57,7 @@ def calibration_batch(images: list[str], imgsz: tuple[int, int], channels: int =
 
 def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None = None,
            arch: str = "11", opset: int | None = None, raw_only: bool = False,
-           dynamic: bool = False, channels: int = 3) -> dict[str, str]:
+           dynamic: bool = False, channels: int = 3, detect: int = 0) -> dict[str, str]:
     import torch
     import ultralytics
     import yaml
@@ -65,14 +66,18 @@ def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     family = {"11": "yolo11", "26": "yolo26", "v8": "yolov8"}[arch]
-    stock = Path(ultralytics.__file__).parent / "cfg" / "models" / arch / f"{family}-pose.yaml"
+    task, suffix = ("detect", "") if detect else ("pose", "-pose")
+    stock = Path(ultralytics.__file__).parent / "cfg" / "models" / arch / f"{family}{suffix}.yaml"
     cfg = yaml.safe_load(stock.read_text())
-    cfg["nc"] = 1  # the person layout of the pretrained models: [1, 4 + 1 + 17*3, A]
+    # pose: the person layout of the pretrained models, [1, 4 + 1 + 17*3, A]; detect: N classes
+    cfg["nc"] = detect or 1
     work = out / "build"
     work.mkdir(exist_ok=True)
-    yaml_path = work / f"{family}n-pose.yaml"  # the "n" in the name picks the nano scale
+    yaml_path = work / f"{family}n{suffix}.yaml"  # the "n" in the name picks the nano scale
     yaml_path.write_text(yaml.safe_dump(cfg))
-    model = YOLO(str(yaml_path), task="pose")
+    model = YOLO(str(yaml_path), task=task)
+    if detect:  # a parts detector's classes
+        model.model.names = {i: f"part{i}" for i in range(detect)}
     if channels != 3:  # a gray model, as training with a data yaml's channels: 1 builds it
         from ultralytics.nn.tasks import PoseModel
 
@@ -91,21 +96,22 @@ def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None
     with torch.no_grad():
         net(calibration_batch(calib or [], imgsz, channels))
     net.eval()
-    # What training on coco-pose.yaml leaves on the model (Ultralytics exports it as kpt_names)
-    coco_pose = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco-pose.yaml"
-    net.kpt_names = yaml.safe_load(coco_pose.read_text())["kpt_names"]
+    if not detect:  # what training on coco-pose.yaml leaves on it (exported as kpt_names)
+        coco_pose = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco-pose.yaml"
+        net.kpt_names = yaml.safe_load(coco_pose.read_text())["kpt_names"]
     head = net.model[-1]
     # box (DFL), class and keypoint output convolutions per level; YOLO26's keypoints come
     # from cv4_kpts, and its NMS-free (one-to-one) head has copies of each
     # YOLO26 regresses box sides directly (no DFL; positive: no inverted boxes); its class
-    # branch, and a gray model's, pass larger features: a narrower spread keeps the scores
-    # off 1.0 (where ties would leave the order to rounding)
+    # branch, and a gray model's or a detector's, pass larger features: a narrower spread
+    # keeps the scores off 1.0 (where ties would leave the order to rounding)
     yolo26 = getattr(head, "reg_max", 16) == 1
     box_bias, cls_std, cls_bias = (2.0, 0.8, -3.5) if yolo26 else (0.0, 1.0, -2.0)
-    if channels == 1:
+    if channels == 1 or detect:
         cls_std, cls_bias = 0.5, -4.0
-    outputs = [("cv2", 0.3, box_bias), ("cv3", cls_std, cls_bias),
-               ("cv4_kpts" if hasattr(head, "cv4_kpts") else "cv4", 0.3, 0.0)]
+    outputs = [("cv2", 0.3, box_bias), ("cv3", cls_std, cls_bias)]
+    if not detect:
+        outputs.append(("cv4_kpts" if hasattr(head, "cv4_kpts") else "cv4", 0.3, 0.0))
     with torch.no_grad():
         for name, std, bias in outputs:
             for branch in getattr(head, name):
@@ -126,7 +132,8 @@ def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None
         if dynamic:  # batch, height and width dynamic (what users export for batching)
             kwargs["dynamic"] = True
         exported = Path(model.export(format="onnx", imgsz=list(imgsz), verbose=False, **kwargs))
-        target = out / (f"{family}n-pose.onnx" if key == "raw" else f"{family}n-pose-nms.onnx")
+        target = out / (f"{family}n{suffix}.onnx" if key == "raw"
+                        else f"{family}n{suffix}-nms.onnx")
         shutil.move(str(exported), target)
         result[key] = str(target)
     return result
@@ -135,7 +142,7 @@ def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None
 def predict(model_path: str, images: list[str], conf: float, iou: float, max_det: int) -> None:
     from ultralytics import YOLO
 
-    model = YOLO(model_path, task="pose")
+    model = YOLO(model_path, task="pose" if "-pose" in Path(model_path).name else "detect")
     for image in images:  # an image gives one result, a video one per frame
         results = model.predict(image, stream=True, conf=conf, iou=iou, max_det=max_det,
                                 verbose=False)
@@ -150,7 +157,8 @@ def record(image: str, frame: int, res: Any, model: Any) -> dict[str, Any]:
         "boxes": res.boxes.xyxy.cpu().numpy().tolist(),
         "scores": res.boxes.conf.cpu().numpy().tolist(),
         "classes": res.boxes.cls.cpu().numpy().astype(int).tolist(),
-        "keypoints": res.keypoints.data.cpu().numpy().tolist() if res.keypoints else [],
+        "keypoints": res.keypoints.data.cpu().numpy().tolist() if res.keypoints is not None
+        else [],
         "kpt_names": getattr(model.predictor.model, "kpt_names", None),  # from metadata
     }
 
@@ -190,6 +198,8 @@ def main(argv: list[str]) -> int:
                     help="YOLO11, YOLO26 or YOLOv8")
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (Ultralytics' default)")
     ex.add_argument("--raw-only", action="store_true", help="skip the NMS-free export")
+    ex.add_argument("--detect", type=int, default=0, metavar="N",
+                    help="a detection model of N classes (part0..) instead of pose")
     ex.add_argument("--channels", type=int, choices=[1, 3], default=3,
                     help="1: a gray model (input [B, 1, H, W])")
     ex.add_argument("--dynamic", action="store_true",
@@ -211,7 +221,7 @@ def main(argv: list[str]) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         if args.cmd == "export":
             emit(export(args.out, args.imgsz, args.seed, args.calib, args.arch, args.opset,
-                        args.raw_only, args.dynamic, args.channels))
+                        args.raw_only, args.dynamic, args.channels, args.detect))
         elif args.cmd == "predict":
             predict(args.model, args.images, args.conf, args.iou, args.max_det)
         else:
