@@ -663,7 +663,8 @@ def _check_adapters(
 
 
 def _check_adapter_fits(loc: Loc, mod: Mapping[str, Any], path: Path) -> list[tuple[Loc, str]]:
-    """A forced adapter must fit the model file (read with onnx, no session)."""
+    """The model file must fit its adapter settings (read with onnx, no session): a forced
+    adapter, input overrides, or (auto) some adapter at all."""
     from pydantic import ValidationError as _Invalid
 
     from service.errors import ModelError
@@ -674,8 +675,6 @@ def _check_adapter_fits(loc: Loc, mod: Mapping[str, Any], path: Path) -> list[tu
         spec = parse_adapter_spec(mod.get("adapter"))
     except _Invalid:
         return []  # reported by the validation of the section itself
-    if spec.kind == "auto":
-        return []
     try:
         check_adapter_fits(path, spec.resolved())
     except ModelError as exc:

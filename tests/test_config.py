@@ -685,6 +685,34 @@ def test_forced_adapter_is_checked_against_the_file(write_config: WriteConfig) -
     assert check_config(path, env={}, check_files=False).ok  # the file is not read then
 
 
+def test_input_overrides_and_auto_adapters_are_checked_against_the_file(
+    write_config: WriteConfig, tmp_path: Path
+) -> None:
+    """Without a forced kind too: an input override the file contradicts, and a file that
+    matches no adapter, are config errors with their lines (not only at model load)."""
+    none_fits = tmp_path / "conf" / "flat.onnx"  # one rank-2 output: no adapter takes it
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 192])
+    nodes = [helper.make_node("Flatten", ["images"], ["out"])]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y])), str(none_fits))
+    path = write_config("""
+        models:
+          - id: m
+            path: m.onnx
+            adapter:
+              input: {color: GRAY}
+          - id: flat
+            path: flat.onnx
+        cameras: [{id: cam-1, source: "sim://conveyor", model: m}]
+    """)
+    first, second = _errors(path)
+    assert first.startswith(f"{path}:4: models[0].adapter: model ")
+    assert "has 3 channels, but input color GRAY feeds 1" in first
+    assert "fix adapter.input's layout or color" in first
+    assert second.startswith(f"{path}:6: models[1].adapter: Model ")
+    assert "matches no LineWatch adapter" in second and "[1, 192]" in second
+
+
 def test_openvino_settings_are_checked_with_their_lines(write_config: WriteConfig) -> None:
     path = write_config("""
         models:

@@ -59,7 +59,8 @@ def apply_input_override(
     new_spec = dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
     where = f"model {str(info.path)!r} with the config's adapter.input"
     if "layout" in changes or "color" in changes:
-        check_channels(info.inputs[0], new_spec.layout, new_spec.color, where)
+        check_channels(info.inputs[0], new_spec.layout, new_spec.color, where,
+                       "adapter.input's layout or color")
     channels = 1 if new_spec.color == "GRAY" else 3
     for key in ("mean", "std"):
         values = getattr(override, key)

@@ -293,7 +293,10 @@ def input_channels(image: TensorSpec, layout: Layout) -> Dim:
     return image.shape[3] if layout == "NHWC" else image.shape[1]
 
 
-def check_channels(image: TensorSpec, layout: Layout, color: str, where: str) -> None:
+def check_channels(
+    image: TensorSpec, layout: Layout, color: str, where: str,
+    fix: str = "the metadata's input_layout or input_color",
+) -> None:
     """Refuse an input whose channel count LineWatch cannot feed or that the color
     contradicts: 3 channels (BGR, RGB) or 1 (GRAY); a symbolic channel dimension is taken
     at its word."""
@@ -304,7 +307,7 @@ def check_channels(image: TensorSpec, layout: Layout, color: str, where: str) ->
         raise ModelError(
             f"{where}: input {image.describe()} as {layout} has {channels!r} channels, but "
             f"input color {color} feeds {fed}. LineWatch feeds 3-channel BGR/RGB or "
-            "1-channel GRAY images; fix input_layout or input_color."
+            f"1-channel GRAY images; fix {fix}."
         )
 
 

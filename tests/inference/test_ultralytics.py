@@ -95,7 +95,7 @@ def assert_parity(
             cost = np.abs(np.asarray([i["box"] for i in inst])[:, None]
                           - (np.asarray(b["boxes"]) - 0.5)[None]).sum(axis=2)
             rows, cols = linear_sum_assignment(cost)
-            b = {k: [b[k][c] for c in cols] for k in ("boxes", "keypoints", "scores")}
+            b = {k: [b[k][c] for c in cols] for k in ("boxes", "keypoints", "scores", "classes")}
             inst = [inst[r] for r in rows]
         boxes = np.asarray([i["box"] for i in inst])
         kps = np.asarray([list(i["keypoints"].values()) for i in inst])
