@@ -10,7 +10,8 @@ virtualenv, so tests run this file as a subprocess:
         (with coco-pose.yaml's kpt_names, as a model trained on it exports them)
         ([--channels 1]: a gray model, input [1, 1, H, W], as Ultralytics trains with a
         data yaml's channels: 1; [--detect N]: YOLO("yolo11n.yaml") with N classes instead,
-        DIR/yolo11n.onnx and DIR/yolo11n-nms.onnx)
+        DIR/yolo11n.onnx and DIR/yolo11n-nms.onnx; [--parts]: a parts pose model of 2
+        classes with 4 named keypoints each, kpt_shape [4, 2] (no visibility))
         exports DIR/yolo11n-pose.onnx (raw [1, 56, A]) and DIR/yolo11n-pose-nms.onnx
         (NMS inside, [1, 300, 57]); prints {"raw": path, "nms": path} as JSON.
     .venv-ultralytics/bin/python tests/support/ultra_ref.py predict --model X.onnx
@@ -57,7 +58,8 @@ def calibration_batch(images: list[str], imgsz: tuple[int, int], channels: int =
 
 def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None = None,
            arch: str = "11", opset: int | None = None, raw_only: bool = False,
-           dynamic: bool = False, channels: int = 3, detect: int = 0) -> dict[str, str]:
+           dynamic: bool = False, channels: int = 3, detect: int = 0,
+           parts: bool = False) -> dict[str, str]:
     import torch
     import ultralytics
     import yaml
@@ -71,6 +73,8 @@ def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None
     cfg = yaml.safe_load(stock.read_text())
     # pose: the person layout of the pretrained models, [1, 4 + 1 + 17*3, A]; detect: N classes
     cfg["nc"] = detect or 1
+    if parts:  # a parts model: 2 classes, 4 keypoints each without visibility
+        cfg["nc"], cfg["kpt_shape"] = 2, [4, 2]
     work = out / "build"
     work.mkdir(exist_ok=True)
     yaml_path = work / f"{family}n{suffix}.yaml"  # the "n" in the name picks the nano scale
@@ -78,6 +82,8 @@ def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None
     model = YOLO(str(yaml_path), task=task)
     if detect:  # a parts detector's classes
         model.model.names = {i: f"part{i}" for i in range(detect)}
+    if parts:
+        model.model.names = {0: "bracket", 1: "plate"}
     if channels != 3:  # a gray model, as training with a data yaml's channels: 1 builds it
         from ultralytics.nn.tasks import PoseModel
 
@@ -96,19 +102,24 @@ def export(out: Path, imgsz: tuple[int, int], seed: int, calib: list[str] | None
     with torch.no_grad():
         net(calibration_batch(calib or [], imgsz, channels))
     net.eval()
-    if not detect:  # what training on coco-pose.yaml leaves on it (exported as kpt_names)
+    if parts:  # what its data yaml's kpt_names would name
+        net.kpt_names = {0: ["corner_a", "corner_b", "hole_1", "hole_2"],
+                         1: ["top_left", "top_right", "bottom_right", "bottom_left"]}
+    elif not detect:  # what training on coco-pose.yaml leaves on it (exported as kpt_names)
         coco_pose = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco-pose.yaml"
         net.kpt_names = yaml.safe_load(coco_pose.read_text())["kpt_names"]
     head = net.model[-1]
     # box (DFL), class and keypoint output convolutions per level; YOLO26's keypoints come
     # from cv4_kpts, and its NMS-free (one-to-one) head has copies of each
     # YOLO26 regresses box sides directly (no DFL; positive: no inverted boxes); its class
-    # branch, and a gray model's or a detector's, pass larger features: a narrower spread
+    # branch, and a gray, detector or parts model's, pass larger features: a narrower spread
     # keeps the scores off 1.0 (where ties would leave the order to rounding)
     yolo26 = getattr(head, "reg_max", 16) == 1
     box_bias, cls_std, cls_bias = (2.0, 0.8, -3.5) if yolo26 else (0.0, 1.0, -2.0)
     if channels == 1 or detect:
         cls_std, cls_bias = 0.5, -4.0
+    elif parts:
+        cls_std, cls_bias = 0.7, -3.0
     outputs = [("cv2", 0.3, box_bias), ("cv3", cls_std, cls_bias)]
     if not detect:
         outputs.append(("cv4_kpts" if hasattr(head, "cv4_kpts") else "cv4", 0.3, 0.0))
@@ -200,6 +211,8 @@ def main(argv: list[str]) -> int:
     ex.add_argument("--raw-only", action="store_true", help="skip the NMS-free export")
     ex.add_argument("--detect", type=int, default=0, metavar="N",
                     help="a detection model of N classes (part0..) instead of pose")
+    ex.add_argument("--parts", action="store_true",
+                    help="a parts pose model: 2 classes, kpt_shape [4, 2], named keypoints")
     ex.add_argument("--channels", type=int, choices=[1, 3], default=3,
                     help="1: a gray model (input [B, 1, H, W])")
     ex.add_argument("--dynamic", action="store_true",
@@ -221,7 +234,8 @@ def main(argv: list[str]) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         if args.cmd == "export":
             emit(export(args.out, args.imgsz, args.seed, args.calib, args.arch, args.opset,
-                        args.raw_only, args.dynamic, args.channels, args.detect))
+                        args.raw_only, args.dynamic, args.channels, args.detect,
+                        args.parts))
         elif args.cmd == "predict":
             predict(args.model, args.images, args.conf, args.iou, args.max_det)
         else:
