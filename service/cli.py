@@ -514,7 +514,8 @@ def api(
 @app.command()
 @friendly_errors
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Image or video files.")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Image or video files, or directories of them.")],
     model: Annotated[
         Path | None, typer.Option("--model", "-m", help="ONNX model (default: the config's).")
     ] = None,

@@ -147,9 +147,32 @@ def load_predictor(
     return prepare(model, config, model_id, score_threshold, adapter).predictor
 
 
-def read_inputs(paths: Sequence[Path]) -> Iterator[tuple[Path, int, ImageArray]]:
-    """(file, frame index, BGR image) for every image file and every frame of every video."""
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"}
+
+
+def expand_inputs(paths: Sequence[Path]) -> list[Path]:
+    """The files to run on: each file as given, and for a directory its image and video
+    files (by their suffix, sorted by name; not its subdirectories)."""
+    files: list[Path] = []
     for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if p.is_file()
+                       and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        if not found:
+            raise SourceError(
+                f"Input directory {str(path)!r} holds no image or video file (suffixes: "
+                f"{', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})."
+            )
+        files.extend(found)
+    return files
+
+
+def read_inputs(paths: Sequence[Path]) -> Iterator[tuple[Path, int, ImageArray]]:
+    """(file, frame index, BGR image) for every image file and every frame of every video
+    (a directory stands for its image and video files: :func:`expand_inputs`)."""
+    for path in expand_inputs(paths):
         if not path.is_file():
             raise SourceError(f"Input {str(path)!r} does not exist (or is not a file).")
         if path.suffix.lower() in IMAGE_SUFFIXES:

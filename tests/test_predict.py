@@ -80,6 +80,21 @@ def test_read_inputs_frames_of_images_and_videos(tmp_path: Path) -> None:
         list(read_inputs([tmp_path / "missing.jpg"]))
 
 
+def test_a_directory_stands_for_its_images_and_videos_by_name(tmp_path: Path) -> None:
+    folder = tmp_path / "shots"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.PNG", "a.jpg", "sub/c.png"):
+        cv2.imwrite(str(folder / name), np.zeros((8, 8, 3), np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    lone = tmp_path / "z.png"
+    cv2.imwrite(str(lone), np.zeros((4, 4, 3), np.uint8))
+    frames = [(p.name, i) for p, i, _ in read_inputs([lone, folder])]
+    assert frames == [("z.png", 0), ("a.jpg", 0), ("b.PNG", 0)]  # not sub/, not notes.txt
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="holds no image or video file"):
+        list(read_inputs([tmp_path / "empty"]))
+
+
 @pytest.mark.skipif(not MOVENET.exists() or not IMAGE.exists(),
                     reason="../shared/data (MoveNet, COCO sample) is absent")
 def test_predict_and_inspect_say_the_adapter_was_forced_and_why(tmp_path: Path) -> None:
