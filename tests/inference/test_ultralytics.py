@@ -46,11 +46,16 @@ def ultra(*args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
+def export_pair(factory: pytest.TempPathFactory, name: str, *flags: str) -> dict[str, Path]:
+    """ultra_ref's export with ``flags``: {"raw": ..., "nms": ...} (BatchNorm calibrated)."""
+    out = factory.mktemp(name)
+    paths = ultra("export", "--out", str(out), *flags, "--calib", *map(str, COCO))[0]
+    return {k: Path(v) for k, v in paths.items()}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("yolo")
-    paths = ultra("export", "--out", str(out), "--calib", *map(str, COCO))[0]
-    return {k: Path(v) for k, v in paths.items()}
+    return export_pair(tmp_path_factory, "yolo")
 
 
 @pytest.fixture(scope="module")
@@ -129,61 +134,82 @@ def test_raw_export_matches_ultralytics_predict(
     assert assert_parity(ours, theirs) >= 3  # thresholds chosen so that instances exist
 
 
+def both_predict(
+    path: Path, files: list[Path], conf: float, adapter: str
+) -> tuple[Predictor, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model as LineWatch loads it (its adapter checked), our records, Ultralytics'."""
+    theirs = ultra("predict", "--model", str(path), "--conf", str(conf), *map(str, files))
+    model = Predictor(path, InferenceConfig(warmup_runs=0, score_threshold=conf))
+    assert model.adapter.name == adapter
+    return model, list(predict_files(model, files)), theirs
+
+
+BOTH_EXPORTS = pytest.mark.parametrize(("kind", "adapter"),
+                                       [("raw", "ultralytics"), ("nms", "end2end")])
+
+
 @pytest.fixture(scope="module")
 def exported26(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """YOLO26n-pose: its raw (one-to-many) export and its own NMS-free head (nms=False)."""
-    out = tmp_path_factory.mktemp("yolo26")
-    paths = ultra("export", "--out", str(out), "--arch", "26", "--calib", *map(str, COCO))[0]
-    return {k: Path(v) for k, v in paths.items()}
+    return export_pair(tmp_path_factory, "yolo26", "--arch", "26")
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-class YOLO11n detector (part0..part2, no keypoints)."""
+    return export_pair(tmp_path_factory, "yolo-detect", "--detect", "3")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A custom parts model as a line would train one: 2 classes, kpt_shape [4, 2] (no
+    visibility), keypoints named per class by the data yaml's kpt_names."""
+    return export_pair(tmp_path_factory, "yolo-parts", "--parts")
+
+
+@pytest.fixture(scope="module")
+def rect_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """imgsz=(384, 640): a 16:9 camera's export (40 % less compute than 640x640)."""
+    return export_pair(tmp_path_factory, "yolo-rect", "--imgsz", "384,640")
+
+
+@pytest.fixture(scope="module")
+def gray_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A gray YOLO11n-pose (input [1, 1, 640, 640]), as training with channels: 1 makes it."""
+    return export_pair(tmp_path_factory, "yolo-gray", "--channels", "1")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+@BOTH_EXPORTS
 def test_yolo26_exports_match_ultralytics_predict(
     exported26: dict[str, Path], images: list[Path], kind: str, adapter: str
 ) -> None:
-    theirs = ultra("predict", "--model", str(exported26[kind]), "--conf", "0.3",
-                   *map(str, images))
-    model = Predictor(exported26[kind], InferenceConfig(warmup_runs=0, score_threshold=0.3))
-    assert model.adapter.name == adapter
-    assert assert_parity(list(predict_files(model, images)), theirs) >= 3
+    _, ours, theirs = both_predict(exported26[kind], images, 0.3, adapter)
+    assert assert_parity(ours, theirs) >= 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+@BOTH_EXPORTS
 def test_multi_class_detector_matches_ultralytics_predict(
-    tmp_path_factory: pytest.TempPathFactory, images: list[Path], kind: str, adapter: str
+    detector: dict[str, Path], images: list[Path], kind: str, adapter: str
 ) -> None:
-    """A 3-class YOLO11n detector (parts, no keypoints): class-aware NMS across classes,
-    class ids and names as Ultralytics gives them."""
-    out = tmp_path_factory.mktemp(f"yolo-detect-{kind}")
-    path = Path(ultra("export", "--out", str(out), "--detect", "3", "--calib",
-                      *map(str, COCO))[0][kind])
-    theirs = ultra("predict", "--model", str(path), "--conf", "0.3", *map(str, images))
-    model = Predictor(path, InferenceConfig(warmup_runs=0, score_threshold=0.3))
-    assert model.adapter.name == adapter
-    ours = list(predict_files(model, images))
+    """Class-aware NMS across classes, class ids and names as Ultralytics gives them."""
+    _, ours, theirs = both_predict(detector[kind], images, 0.3, adapter)
     assert assert_parity(ours, theirs) >= 3
     found = {i["class"] for r in ours for i in r["instances"]}
     assert len(found) >= 2 and found <= {"part0", "part1", "part2"}  # several classes met
-    shown = CliRunner().invoke(app, ["model", "inspect", str(path)])
+    shown = CliRunner().invoke(app, ["model", "inspect", str(detector[kind])])
     assert shown.exit_code == 0 and "2: part2  keypoints: none (boxes only)" in shown.stdout
     assert "a detector" in shown.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+@BOTH_EXPORTS
 def test_parts_model_without_visibility_matches_ultralytics_predict(
-    tmp_path_factory: pytest.TempPathFactory, images: list[Path], kind: str, adapter: str
+    parts: dict[str, Path], images: list[Path], kind: str, adapter: str
 ) -> None:
-    """A custom parts model as a line would train one: 2 classes, kpt_shape [4, 2] (no
-    visibility), keypoints named per class by the data yaml's kpt_names."""
-    out = tmp_path_factory.mktemp(f"yolo-parts-{kind}")
-    path = Path(ultra("export", "--out", str(out), "--parts", "--calib", *map(str, COCO))[0][kind])
-    theirs = ultra("predict", "--model", str(path), "--conf", "0.3", *map(str, images))
-    model = Predictor(path, InferenceConfig(warmup_runs=0, score_threshold=0.3))
-    assert model.adapter.name == adapter and model.info.kpt_shape == (4, 2)
-    ours = list(predict_files(model, images))
+    model, ours, theirs = both_predict(parts[kind], images, 0.3, adapter)
+    assert model.info.kpt_shape == (4, 2)
     assert assert_parity(ours, theirs) >= 3  # names checked per class there
     instances = [i for r in ours for i in r["instances"]]
     assert {i["class"] for i in instances} == {"bracket", "plate"}
@@ -191,36 +217,16 @@ def test_parts_model_without_visibility_matches_ultralytics_predict(
     assert list(plate["keypoints"]) == ["top_left", "top_right", "bottom_right", "bottom_left"]
 
 
-@pytest.fixture(scope="module")
-def rect_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """imgsz=(384, 640): a 16:9 camera's export (40 % less compute than 640x640)."""
-    out = tmp_path_factory.mktemp("yolo-rect")
-    paths = ultra("export", "--out", str(out), "--imgsz", "384,640", "--calib",
-                  *map(str, COCO))[0]
-    return {k: Path(v) for k, v in paths.items()}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+@BOTH_EXPORTS
 def test_rectangular_export_matches_ultralytics_predict(
     rect_exported: dict[str, Path], images: list[Path], kind: str, adapter: str
 ) -> None:
     """COCO images get side padding, the 960x540 street frames a band above and below."""
     files = [*images, *([STREET] if STREET.exists() else [])]
-    theirs = ultra("predict", "--model", str(rect_exported[kind]), "--conf", "0.3",
-                   *map(str, files))
-    model = Predictor(rect_exported[kind], InferenceConfig(warmup_runs=0, score_threshold=0.3))
-    assert model.adapter.name == adapter
+    model, ours, theirs = both_predict(rect_exported[kind], files, 0.3, adapter)
     assert (model.info.input.height, model.info.input.width) == (384, 640)
-    assert assert_parity(list(predict_files(model, files)), theirs) >= 3
-
-
-@pytest.fixture(scope="module")
-def gray_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A gray YOLO11n-pose (input [1, 1, 640, 640]), as training with channels: 1 makes it."""
-    out = tmp_path_factory.mktemp("yolo-gray")
-    paths = ultra("export", "--out", str(out), "--channels", "1", "--calib", *map(str, COCO))[0]
-    return {k: Path(v) for k, v in paths.items()}
+    assert assert_parity(ours, theirs) >= 3
 
 
 @pytest.fixture(scope="module")
@@ -241,16 +247,13 @@ def gray_images(images: list[Path], tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "adapter"), [("raw", "ultralytics"), ("nms", "end2end")])
+@BOTH_EXPORTS
 def test_gray_model_matches_ultralytics_predict(
     gray_exported: dict[str, Path], gray_images: list[Path], kind: str, adapter: str
 ) -> None:
-    theirs = ultra("predict", "--model", str(gray_exported[kind]), "--conf", "0.3",
-                   *map(str, gray_images))
-    model = Predictor(gray_exported[kind], InferenceConfig(warmup_runs=0, score_threshold=0.3))
-    assert model.adapter.name == adapter
+    model, ours, theirs = both_predict(gray_exported[kind], gray_images, 0.3, adapter)
     assert model.info.input.color == "GRAY" and model.info.input.layout == "NCHW"
-    assert assert_parity(list(predict_files(model, gray_images)), theirs) >= 3
+    assert assert_parity(ours, theirs) >= 3
 
 
 @pytest.mark.slow
@@ -260,9 +263,7 @@ def test_gray_model_on_color_video_frames_matches_ultralytics(
     """A camera's color frames: both turn each one gray (OpenCV's BGR->gray), then letterbox."""
     if not STREET.exists():
         pytest.skip("../shared/data/videos is absent")
-    theirs = ultra("predict", "--model", str(gray_exported["raw"]), "--conf", "0.1", str(STREET))
-    model = Predictor(gray_exported["raw"], InferenceConfig(warmup_runs=0, score_threshold=0.1))
-    ours = list(predict_files(model, [STREET]))
+    _, ours, theirs = both_predict(gray_exported["raw"], [STREET], 0.1, "ultralytics")
     assert [r["frame"] for r in ours] == [r["frame"] for r in theirs] == list(range(5))
     assert assert_parity(ours, theirs) >= 3
 
