@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 
 from service.domain import ClassInfo, Detections, ImageArray
@@ -27,7 +28,6 @@ from service.inference.gpu import TOP_CANDIDATES_KEY
 from service.inference.inputs import (
     Normalizer,
     apply_input_override,
-    gray_as_bgr,
     to_model_input,
     ultralytics_letterbox,
 )
@@ -446,9 +446,12 @@ def ultralytics_preprocess(
     """Letterbox as Ultralytics does (bilinear, centred) and convert to the input tensor
     (its arrays taken from ``buffers`` when given)."""
     spec = info.input
+    channels = 3
     if spec.color == "GRAY":  # Ultralytics' channels: 1 loaders convert before the letterbox
-        images = [gray_as_bgr(im) for im in images]
-    batch = new_batch(buffers, (len(images), spec.height, spec.width, 3), np.uint8)
+        images = [np.asarray(cv2.cvtColor(im, cv2.COLOR_BGR2GRAY)[..., None], np.uint8)
+                  for im in images]
+        channels = 1
+    batch = new_batch(buffers, (len(images), spec.height, spec.width, channels), np.uint8)
     transforms = [
         ultralytics_letterbox(im, (spec.height, spec.width), spec.pad_value, batch[i])[1]
         for i, im in enumerate(images)

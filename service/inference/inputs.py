@@ -96,19 +96,12 @@ def to_model_input(
     return np.ascontiguousarray(y.astype(dtype_of(spec), copy=False))
 
 
-def gray_as_bgr(image: ImageArray) -> ImageArray:
-    """The image in gray, stored as three equal channels: what a GRAY model sees of it,
-    converted before the resize, as Ultralytics' ``channels: 1`` loaders do."""
-    return np.asarray(cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY),
-                                   cv2.COLOR_GRAY2BGR), np.uint8)
-
-
 def ultralytics_letterbox(
     image: ImageArray, size: tuple[int, int], pad_value: int = 114,
     out: ImageArray | None = None,
 ) -> tuple[ImageArray, Transform]:
     """Ultralytics' LetterBox (auto=False, scaleup, center) and the matching Transform;
-    ``out`` (H, W, 3 uint8, e.g. a row of the batch) receives the result."""
+    ``out`` (H, W, C uint8, e.g. a row of the batch) receives the result."""
     out_h, out_w = size
     h, w = image.shape[:2]
     r = min(out_h / h, out_w / w)

@@ -151,7 +151,7 @@ def paste(
     touching each pixel once."""
     out_h, out_w = size
     h, w = image.shape[:2]
-    canvas = np.empty((out_h, out_w, 3), np.uint8) if out is None else out
+    canvas = np.empty((out_h, out_w, image.shape[2]), np.uint8) if out is None else out
     _fill_border(canvas, top, left, h, w, pad_value)
     canvas[top:top + h, left:left + w] = image
     return canvas
@@ -165,18 +165,19 @@ def resize_onto(
     (H, W) filled with ``pad_value``: what ``paste(cv2.resize(...))`` gives, with OpenCV
     writing the resized pixels straight into their place when that place is contiguous
     (padding above and below only: no intermediate image and copy, a 768x432 frame
-    letterboxed to 640: 0.27 -> 0.22 ms); else resized, then copied in."""
+    letterboxed to 640: 0.27 -> 0.22 ms); else resized, then copied in.  Any channel count
+    (a gray image is (H, W, 1))."""
     out_h, out_w = size
     new_w, new_h = new_size
-    canvas = np.empty((out_h, out_w, 3), np.uint8) if out is None else out
+    canvas = np.empty((out_h, out_w, image.shape[2]), np.uint8) if out is None else out
     _fill_border(canvas, top, left, new_h, new_w, pad_value)
     place = canvas[top:top + new_h, left:left + new_w]
     if place.flags.c_contiguous:  # full-width rows (a landscape frame): written in place
         resized = cv2.resize(image, (new_w, new_h), dst=place, interpolation=interpolation)
     else:
         resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-    if not np.may_share_memory(resized, place):  # a new image: copy it in
-        place[...] = resized
+    if not np.may_share_memory(resized, place):  # a new image (2-D if gray): copy it in
+        place[...] = resized.reshape(place.shape)
     return canvas
 
 
@@ -265,8 +266,11 @@ def to_layout(
 def gray(batch: ImageArray, buffers: BatchBuffers | None = None) -> np.ndarray:
     """(B, H, W, 3) uint8 BGR -> (B, H, W, 1) uint8 gray, as OpenCV's BGR2GRAY (and so
     Ultralytics' channels: 1 loaders) computes it; a gray image stored as three equal
-    channels comes back unchanged."""
-    b, h, w, _ = batch.shape
+    channels converts to itself, and a batch already gray, (B, H, W, 1), is returned as
+    it is."""
+    b, h, w, c = batch.shape
+    if c == 1:
+        return batch
     out = new_batch(buffers, (b, h, w, 1), np.uint8)
     for i in range(b):
         cv2.cvtColor(batch[i], cv2.COLOR_BGR2GRAY, dst=out[i, :, :, 0])
@@ -276,7 +280,8 @@ def gray(batch: ImageArray, buffers: BatchBuffers | None = None) -> np.ndarray:
 def _gray_layout(
     batch: ImageArray, spec: InputSpec, dtype: np.dtype[Any], buffers: BatchBuffers | None
 ) -> np.ndarray:
-    """The one-channel input of a GRAY model: (B, 1, H, W) or (B, H, W, 1)."""
+    """The one-channel input of a GRAY model, (B, 1, H, W) or (B, H, W, 1), from a BGR
+    batch or one letterboxed gray already (B, H, W, 1)."""
     g = gray(batch, buffers)
     b, h, w, _ = g.shape
     if spec.layout == "NHWC" and dtype == np.uint8:
@@ -288,7 +293,7 @@ def _gray_layout(
         np.multiply(src, dtype.type(1.0 / 255.0), out=out, casting="unsafe")
     else:
         np.copyto(out, src, casting="unsafe")
-    if buffers is not None:
+    if buffers is not None and g is not batch:
         buffers.give([g])
     return out
 

@@ -137,6 +137,28 @@ def test_gray_input_is_opencvs_bgr_to_gray_in_the_models_layout(
 def test_gray_of_a_gray_frame_stored_as_bgr_is_that_frame() -> None:
     plane = np.random.default_rng(4).integers(0, 256, (1, 5, 9), dtype=np.uint8)
     np.testing.assert_array_equal(gray(np.repeat(plane[..., None], 3, axis=3))[..., 0], plane)
+    one = plane[..., None]
+    assert gray(one) is one  # a gray batch is not converted again
+
+
+@pytest.mark.parametrize("size", [(40, 64), (64, 40)])  # padding above/below, left/right
+def test_a_gray_image_letterboxes_like_its_plane(size: tuple[int, int]) -> None:
+    """One-channel images (a gray model's frames) go through resize_onto and paste as
+    (H, W, 1): the same pixels as the 2-D plane resized and pasted."""
+    plane = np.random.default_rng(6).integers(0, 256, (30, 50), dtype=np.uint8)
+    h, w = size
+    new_w, new_h = (w, round(30 * w / 50)) if w / 50 < h / 30 else (round(50 * h / 30), h)
+    top, left = (h - new_h) // 2, (w - new_w) // 2
+    out = np.empty((h, w, 1), np.uint8)
+    got = resize_onto(plane[..., None], (new_w, new_h), cv2.INTER_LINEAR, size, top, left,
+                      114, out)
+    expected = np.full(size, 114, np.uint8)
+    expected[top:top + new_h, left:left + new_w] = cv2.resize(
+        plane, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    assert got is out
+    np.testing.assert_array_equal(got[..., 0], expected)
+    pasted = paste(plane[..., None], (40, 64), 5, 7, 114)
+    assert pasted.shape == (40, 64, 1) and (pasted[5:35, 7:57, 0] == plane).all()
 
 
 def test_make_batch_stacks_mixed_sizes_with_one_transform_each() -> None:
